@@ -1,0 +1,73 @@
+"""Timing and provenance shared by every benchmark; one JSON file per benchmark in data/bench/."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import pathlib
+import platform
+import shlex
+import sys
+
+import torch
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "data" / "bench"
+
+
+def provenance(command: str | None = None) -> dict:
+    """Who measured what, where: GPU name, library versions, date and the exact command."""
+    import triton
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    props = torch.cuda.get_device_properties(0) if gpu else None
+    return {
+        "device": gpu or "cpu",
+        "sm_count": props.multi_processor_count if props else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+    }
+
+
+def time_ms(fn, *, warmup_ms: int = 25, rep_ms: int = 100, flush_l2: bool = True) -> float:
+    """Median time of ``fn()`` in milliseconds, measured with CUDA events by triton's do_bench.
+
+    do_bench clears the L2 cache before every call (so small inputs are not flattered by it) and
+    reports the median over as many calls as fit in ``rep_ms``.
+    """
+    import triton.testing
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_ms measures GPU kernels; on the CPU replot the recorded figures instead.")
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbps(num_bytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy bandwidth (bytes read + bytes written per second, in GB/s): the ceiling
+    that memory-bound kernels are judged against."""
+    src = torch.empty(num_bytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), flush_l2=False)
+    del src, dst
+    return num_bytes / (ms * 1e-3) / 1e9
+
+
+def save(name: str, result: dict, command: str | None = None) -> pathlib.Path:
+    """Write ``data/bench/NAME.json``: provenance first, then the benchmark's own fields."""
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    path = BENCH_DIR / f"{name}.json"
+    payload = {"name": name, "provenance": provenance(command), **result}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def load(name: str) -> dict:
+    """Read a recorded benchmark; a clear error if it was never recorded."""
+    path = BENCH_DIR / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: record it on a GPU machine with `python -m labkit.bench {name}`."
+        )
+    return json.loads(path.read_text())

@@ -1,0 +1,106 @@
+"""Exercises: the learner writes a function, ``check`` runs it against the lab's reference.
+
+Convention (every notebook follows it):
+
+    def kv_bytes_per_token(config, dtype_bytes):
+        # YOUR CODE
+        raise NotImplementedError
+
+    check("nb02.kv_bytes_per_token", kv_bytes_per_token)
+
+Each notebook NN has ``labkit/exercises/nbNN.py`` with ``EXERCISES = {name: Exercise(...)}`` (the
+reference and a random-input generator) and ``labkit/solutions/nbNN.py`` with a worked solution of
+the same name. ``check`` runs the learner's function and the reference on ``trials`` random inputs and
+prints "correct" or raises ``AssertionError`` showing the first input where they differ.
+
+A function that still raises ``NotImplementedError`` is "not attempted yet": check says so and returns,
+so Run All never stops on an unfinished exercise. With ``LABKIT_SOLUTIONS=1`` (``make test`` and CI set
+it) the worked solution is checked in its place, so every exercise is exercised in CI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any, Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Exercise:
+    reference: Callable
+    make_inputs: Callable[[torch.Generator], tuple]
+    spec: str = ""
+    compare: str = "exact"  # "exact" (==, torch.equal for tensors) or "allclose"
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    trials: int = 20
+
+
+def _lookup(name: str) -> tuple[Exercise, Callable | None]:
+    if "." not in name:
+        raise ValueError(f"exercise names look like 'nb02.kv_bytes_per_token', got {name!r}")
+    nb, ex = name.split(".", 1)
+    table = importlib.import_module(f"labkit.exercises.{nb}").EXERCISES
+    if ex not in table:
+        raise KeyError(f"no exercise {ex!r} in notebook {nb}; there are: {sorted(table)}")
+    try:
+        solution = getattr(importlib.import_module(f"labkit.solutions.{nb}"), ex, None)
+    except ModuleNotFoundError:
+        solution = None
+    return table[ex], solution
+
+
+def _same(a: Any, b: Any, ex: Exercise) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+            return False
+        if ex.compare == "allclose":
+            return torch.allclose(a.double(), b.double(), atol=ex.atol, rtol=ex.rtol)
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y, ex) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], ex) for k in a)
+    if ex.compare == "allclose" and isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= ex.atol + ex.rtol * abs(b)
+    return a == b
+
+
+def _show(x: Any, limit: int = 300) -> str:
+    s = repr(x)
+    return s if len(s) <= limit else s[:limit] + " ..."
+
+
+def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
+    """(passed, message). Inputs are drawn afresh for each trial; each side gets its own copy."""
+    import copy
+
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(ex.trials):
+        args = ex.make_inputs(gen)
+        expected = ex.reference(*copy.deepcopy(args))
+        got = fn(*copy.deepcopy(args))
+        if not _same(got, expected, ex):
+            return False, (f"mismatch on trial {trial + 1}/{ex.trials}\n  inputs:   {_show(args)}\n"
+                           f"  yours:    {_show(got)}\n  expected: {_show(expected)}")
+    return True, f"correct: matched the reference on {ex.trials} random inputs"
+
+
+def check(name: str, fn: Callable) -> bool:
+    """Check the learner's ``fn`` for exercise ``name`` ('nbNN.exercise'). See the module docstring."""
+    ex, solution = _lookup(name)
+    try:
+        ok, msg = run_trials(fn, ex)
+    except NotImplementedError:
+        if os.environ.get("LABKIT_SOLUTIONS") == "1" and solution is not None:
+            ok, msg = run_trials(solution, ex)
+            msg = "(LABKIT_SOLUTIONS=1: checked the worked solution) " + msg
+        else:
+            print(f"{name}: not attempted yet: fill in the cell marked # YOUR CODE, then run it again.")
+            return False
+    if not ok:
+        raise AssertionError(f"{name}: {msg}")
+    print(f"{name}: {msg}")
+    return True

@@ -1,0 +1,35 @@
+"""Notebook 01 exercises: what generation without a cache computes."""
+import torch
+
+from labkit.exercises import Exercise
+
+
+def _causal_mask(T: int) -> torch.Tensor:
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
+def _top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _recomputed_tokens(prompt_len: int, new_tokens: int) -> int:
+    # step i runs the model over prompt_len + i tokens
+    return sum(prompt_len + i for i in range(new_tokens))
+
+
+def _int(gen, lo, hi):
+    return int(torch.randint(lo, hi, (1,), generator=gen))
+
+
+EXERCISES = {
+    "causal_mask": Exercise(
+        reference=_causal_mask, make_inputs=lambda g: (_int(g, 1, 12),),
+        spec="(T, T) bool tensor, True where query i may look at key j (j <= i)."),
+    "top_k_filter": Exercise(
+        reference=_top_k_filter, make_inputs=lambda g: (torch.randn(_int(g, 5, 50), generator=g), _int(g, 1, 5)),
+        spec="keep the k largest logits, set every other one to -inf."),
+    "recomputed_tokens": Exercise(
+        reference=_recomputed_tokens, make_inputs=lambda g: (_int(g, 1, 500), _int(g, 1, 300)),
+        spec="how many token positions the model processes to generate new_tokens tokens without a cache."),
+}
