@@ -20,6 +20,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     group = Hq // Hkv
+    if k_valid is not None:
+        # Slots that hold no token may hold anything (a freed block's old data, even NaN): a mask alone is
+        # not enough, since 0 * NaN = NaN in the weighted sum. Zero them so they cannot leak.
+        keep = k_valid[:, None, :, None]
+        k, v = torch.where(keep, k, 0), torch.where(keep, v, 0)
     k = k.repeat_interleave(group, dim=1)  # (B, Hq, Tk, D)
     v = v.repeat_interleave(group, dim=1)
     mask = k_pos[:, None, :] <= q_pos[:, :, None]  # (B, Tq, Tk)
