@@ -4,6 +4,6 @@
 Notebooks call :func:`load` to replot what was recorded when no GPU is present, and :func:`run_live`
 to measure again when one is.
 """
-from labkit.bench.record import BENCH_DIR, load, provenance, save, time_ms, copy_bandwidth_gbps
+from labkit.bench.record import BENCH_DIR, copy_bandwidth_gbps, graphed, load, provenance, save, time_ms
 
-__all__ = ["BENCH_DIR", "load", "provenance", "save", "time_ms", "copy_bandwidth_gbps"]
+__all__ = ["BENCH_DIR", "copy_bandwidth_gbps", "graphed", "load", "provenance", "save", "time_ms"]

@@ -145,22 +145,6 @@ def impl_fns(inp: dict, impls: list[str]) -> dict:
     return fns
 
 
-def graphed(fn):
-    """Capture fn() in a CUDA graph and return its replay, as serving engines replay decode steps: the time
-    then excludes Python's launch overhead (the wrapper's checks, v3's two launches). Warm up on a side stream
-    first, as torch's docs ask."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def measure(name, fn, ref, nbytes, rep_ms, **extra) -> dict:
     """Check fn() against the reference, then time its CUDA-graph replay (median_ms) and eager calls (eager_ms)."""
     row = dict(impl=name, **extra)
@@ -173,7 +157,7 @@ def measure(name, fn, ref, nbytes, rep_ms, **extra) -> dict:
         eager_ms = record.time_ms(fn, rep_ms=max(20, rep_ms // 2))
         try:
             held = {}
-            replay = graphed(lambda: held.__setitem__("out", fn()))
+            replay = record.graphed(lambda: held.__setitem__("out", fn()))
             held["out"].fill_(float("nan"))  # poison: the replay must write every element again
             replay()
             torch.cuda.synchronize()

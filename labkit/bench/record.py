@@ -31,11 +31,11 @@ def provenance(command: str | None = None) -> dict:
     }
 
 
-def time_ms(fn, *, warmup_ms: int = 25, rep_ms: int = 100, flush_l2: bool = True) -> float:
+def time_ms(fn, *, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time of ``fn()`` in milliseconds, measured with CUDA events by triton's do_bench.
 
-    do_bench clears the L2 cache before every call (so small inputs are not flattered by it) and
-    reports the median over as many calls as fit in ``rep_ms``.
+    do_bench clears the L2 cache before every call, outside the timed region (so small inputs are not
+    flattered by it), and reports the median over as many calls as fit in ``rep_ms``.
     """
     import triton.testing
 
@@ -44,12 +44,28 @@ def time_ms(fn, *, warmup_ms: int = 25, rep_ms: int = 100, flush_l2: bool = True
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graphed(fn):
+    """Capture ``fn()`` in a CUDA graph and return its replay, as serving engines replay decode steps: a
+    timing of the replay excludes Python's launch overhead. Warms up on a side stream first, as torch's
+    docs ask."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth_gbps(num_bytes: int = 2 * 2**30) -> float:
     """Device-to-device copy bandwidth (bytes read + bytes written per second, in GB/s): the ceiling
     that memory-bound kernels are judged against."""
     src = torch.empty(num_bytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), flush_l2=False)
+    ms = time_ms(lambda: dst.copy_(src))
     del src, dst
     return num_bytes / (ms * 1e-3) / 1e9
 

@@ -141,21 +141,6 @@ def prefill_attention(q, k, v):
 
 
 # --------------------------------------------------------------------------- timing helpers
-def _graphed(fn):
-    """Capture fn() in a CUDA graph and return its replay (decode steps are replayed this way in
-    serving engines). Warm up on a side stream first, as torch's docs ask."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _row(impl, ms, flops, nbytes, **fields):
     return {"impl": impl, **fields, "median_ms": ms, "flops": int(flops), "bytes": int(nbytes),
             "tflops": flops / (ms * 1e-3) / 1e12, "gbps": nbytes / (ms * 1e-3) / 1e9}
@@ -183,7 +168,7 @@ def _check(shape: LayerShape, device) -> dict:
     x = torch.randn(5, shape.hidden_size, device=device, dtype=torch.bfloat16, generator=gen)
     eager = layer_matmuls(x, w)[0].float()
     out = {}
-    replay = _graphed(lambda: out.__setitem__("y", layer_matmuls(x, w)[0]))
+    replay = record.graphed(lambda: out.__setitem__("y", layer_matmuls(x, w)[0]))
     out["y"].fill_(float("nan"))  # poison: the replay must rewrite it
     replay()
     rel_graph = ((out["y"].float() - eager).norm() / eager.norm()).item()
@@ -212,7 +197,7 @@ def run(args) -> dict:
     # 1. the layer's matmuls on M tokens (a decode batch of M, or a prefill chunk of M tokens)
     for M in MATMUL_TOKENS:
         x = torch.randn(M, hid, device=dev, dtype=bf16)
-        ms = record.time_ms(_graphed(lambda: layer_matmuls(x, w)))
+        ms = record.time_ms(record.graphed(lambda: layer_matmuls(x, w)))
         flops, nbytes = matmul_flops_bytes(list(shape.linears.values()), M)
         rows.append(_row("layer_matmuls", ms, flops, nbytes, tokens=M, batch=M, context=0))
         print(f"layer_matmuls   M={M:5d}  {ms:8.4f} ms", flush=True)
@@ -223,7 +208,7 @@ def run(args) -> dict:
             q = torch.randn(B, Hq, D, device=dev, dtype=bf16)
             kc = torch.randn(B, Hkv, L, D, device=dev, dtype=bf16)
             vc = torch.randn_like(kc)
-            ms = record.time_ms(_graphed(lambda: decode_attention(q, kc, vc)))
+            ms = record.time_ms(record.graphed(lambda: decode_attention(q, kc, vc)))
             flops = 4 * B * Hq * L * D
             nbytes = B * L * shape.kv_bytes_per_token() + 2 * q.numel() * 2
             rows.append(_row("decode_attention", ms, flops, nbytes, tokens=B, batch=B, context=L))
@@ -237,7 +222,7 @@ def run(args) -> dict:
         kc = torch.randn(B, Hkv, L, D, device=dev, dtype=bf16)
         vc = torch.randn_like(kc)
         cos, sin = torch.rand(D, device=dev, dtype=bf16), torch.rand(D, device=dev, dtype=bf16)
-        ms = record.time_ms(_graphed(lambda: decode_layer(x, w, kc, vc, cos, sin, shape)))
+        ms = record.time_ms(record.graphed(lambda: decode_layer(x, w, kc, vc, cos, sin, shape)))
         flops = sum(2 * B * i * o for i, o in shape.linears.values()) + 4 * B * Hq * L * D
         nbytes = 2 * shape.layer_params + B * L * shape.kv_bytes_per_token()
         rows.append(_row("decode_layer", ms, flops, nbytes, tokens=B, batch=B, context=L))
@@ -249,7 +234,7 @@ def run(args) -> dict:
         q = torch.randn(1, Hq, T, D, device=dev, dtype=bf16)
         k = torch.randn(1, Hkv, T, D, device=dev, dtype=bf16).repeat_interleave(Hq // Hkv, 1)  # (1, Hq, T, D)
         v = torch.randn(1, Hkv, T, D, device=dev, dtype=bf16).repeat_interleave(Hq // Hkv, 1)
-        ms = record.time_ms(_graphed(lambda: prefill_attention(q, k, v)))
+        ms = record.time_ms(record.graphed(lambda: prefill_attention(q, k, v)))
         flops = 4 * Hq * D * T * (T + 1) / 2
         nbytes = 2 * 4 * q.numel()
         rows.append(_row("prefill_attention", ms, flops, nbytes, tokens=T, batch=1, context=T))
@@ -260,7 +245,7 @@ def run(args) -> dict:
     w_head = torch.randn(shape.vocab_size, hid, device=dev, dtype=bf16) * 0.02
     for B in batches:
         x = torch.randn(B, hid, device=dev, dtype=bf16)
-        ms = record.time_ms(_graphed(lambda: F.linear(x, w_head)))
+        ms = record.time_ms(record.graphed(lambda: F.linear(x, w_head)))
         flops = 2 * B * hid * shape.vocab_size
         nbytes = 2 * (hid * shape.vocab_size + B * hid + B * shape.vocab_size)
         rows.append(_row("lm_head", ms, flops, nbytes, tokens=B, batch=B, context=0))

@@ -1,0 +1,289 @@
+"""Weight-only quantised matmul on Llama-3-8B's linear shapes: time against batch size, per implementation.
+
+What it shows. At batch m = 1 a linear layer is a GEMV: every weight byte is read once and used for
+two FLOPs, so time ~= weight bytes / bandwidth and fewer bits a weight is directly more speed (ideal
+over fp16: int8 ~2x, int4 g128 ~3.8x, 2-bit ternary ~8x). As m grows the same bytes serve more rows
+and the kernels drift toward compute; by m = 64 dequantisation work, not bytes, decides.
+
+    for (n, k) in (4096, 4096), (14336, 4096), (4096, 14336):        q/o, gate/up, down of Llama-3-8B
+        for m in 1, 4, 16, 64:
+            fp16_cublas              torch F.linear, fp16 weights
+            tinygemm_int4_g64/g128   torch._weight_int4pack_mm (bf16 activations, its own packing)
+            torch_int8               torch._weight_int8pack_mm
+            labkit_int8              kernels.quant_matmul.int8_matmul
+            labkit_int4_g32/64/128   kernels.quant_matmul.int4_matmul
+            labkit_ternary           kernels.ternary.ternary_matmul (if present)
+
+Every implementation is first checked against a float matmul with its own dequantised weight
+(``rel_err`` in the rows). The L2 cache is emptied before every timed call, so an 8 MB int4 weight is
+read from HBM, not from the 50-60 MB L2; :func:`time_ms_clean_l2` explains why the headline time
+(``median_ms``) empties it by reading, and ``median_ms_dobench`` keeps ``record.time_ms``'s figure too.
+With ``--sweep`` the labkit kernels try several block configurations per (shape, m) and the fastest is
+kept (``config`` in the row; every try is in ``sweep``). ``gbps`` counts the bytes that must move: the
+stored weight (codes, scales, zeros) plus x and y, over the median time.
+
+Run on a GPU machine: ``python -m labkit.bench quant_matmul --sweep`` -> data/bench/quant_matmul.json.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.quant_matmul import default_config, int4_matmul, int8_matmul
+from labkit.bench import record
+from labkit.quant import dequantize, quantize_tensor
+
+SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (n, k) = (out_features, in_features)
+BATCHES = (1, 4, 16, 64)
+GROUPS = (32, 64, 128)
+
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def time_ms_clean_l2(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of ``fn()`` in ms, CUDA events, with the L2 emptied before every call by *reading* a
+    buffer four times its size.
+
+    ``record.time_ms`` (triton's do_bench) empties the L2 by *writing* 256 MB of zeros, which leaves it
+    full of dirty lines: the timed kernel then pays for writing ~50 MB back to HBM while it reads, a
+    fixed ~10-15 us on an H100/H200 that makes every small kernel look slower and shrinks speed-ups.
+    A decode step's weights meet a clean L2 (nothing of theirs is cached), which this models.
+    """
+    if not _FLUSH:
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        _FLUSH.append(torch.ones(max(l2, 2**24), dtype=torch.int32, device="cuda"))  # 4 bytes x L2 size
+    flush = _FLUSH[0]
+
+    def timed(n):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            flush.sum()  # read-only: the L2 ends up holding clean lines of `flush`
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+    fn()
+    estimate = timed(5)[2]
+    timed(max(1, int(warmup_ms / max(estimate, 1e-3))))
+    times = timed(max(5, int(rep_ms / max(estimate, 1e-3))))
+    return float(times[len(times) // 2])
+
+
+# Candidate configs per batch size (the sweep); each one is a compile on the GPU machine, so the lists stay
+# short. GEMV: (BLOCK_N, bytes of a W row per step, warps, PREFETCH); one program per row of x, so at
+# m = 4 the four programs of an n-block share its weight tile through L2. GEMM (tensor cores; int4 steps
+# GROUPS groups at a time, int8 steps BLOCK_K = 128 * GROUPS): (BLOCK_M, BLOCK_N, GROUPS, warps, stages).
+_GEMV = [(8, 256, 4, True, True), (4, 256, 2, True, True), (8, 512, 4, True, True), (4, 512, 4, True, True),
+         (16, 256, 4, True, True), (8, 256, 4, False, True), (8, 256, 4, True, False), (4, 256, 2, True, False),
+         (16, 128, 2, True, True), (32, 256, 8, True, True)]
+_GEMM = {1: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 16, 2, 2, 4), (16, 32, 4, 4, 3),
+             (16, 64, 1, 4, 5), (16, 128, 1, 4, 4)],
+         16: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 3)],
+         64: [(64, 64, 1, 4, 3), (64, 128, 1, 8, 3), (32, 64, 1, 4, 4), (64, 32, 2, 4, 4), (32, 32, 2, 4, 4)]}
+
+
+def candidate_configs(kind: str, m: int, n: int, k: int, group: int | None = None) -> list[dict]:
+    """The default config first, then the sweep's candidates for this batch size."""
+    cands = [default_config(kind, m, n, k, group)]
+    if m <= 4:
+        for bn, nbytes, warps, prefetch, half in _GEMV:
+            cfg = dict(path="gemv", BLOCK_N=bn, MAGIC=True, PREFETCH=prefetch, num_warps=warps)
+            cfg.update(dict(BLOCK_K=nbytes) if kind == "int8" else
+                       dict(GROUPS=max(1, nbytes // (group // 2)), HALF_MATH=half))
+            cands.append(cfg)
+    for bm, bn, groups, warps, stages in _GEMM[1 if m <= 4 else (16 if m <= 16 else 64)]:
+        cfg = dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        cfg.update(dict(BLOCK_K=128 * groups) if kind == "int8" else dict(GROUPS=groups))
+        cands.append(cfg)
+    unique = []
+    for c in cands:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
+def _tinygemm_weight(w: torch.Tensor, group: int, inner_k_tiles: int = 8):
+    """torch's tinygemm int4 format: codes (q - 8) * scale + zero with zero = min + 8 * scale, per group.
+
+    Returns (packed, scales_and_zeros, dequantised weight) for torch._weight_int4pack_mm (bf16 activations).
+    """
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo).clamp(min=1e-6) / 15)
+    zero = lo + 8 * scale
+    q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), inner_k_tiles)
+    sz = torch.cat([scale, zero], dim=-1).to(torch.bfloat16)  # (n, k/G, 2)
+    sz = sz.transpose(0, 1).contiguous()  # (k/G, n, 2)
+    deq = ((q.reshape(n, k // group, group).float() - 8) * scale.bfloat16().float() + zero.bfloat16().float())
+    return packed, sz, deq.reshape(n, k)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def add_arguments(parser):
+    parser.add_argument("--sweep", action="store_true", help="try several kernel configs per (shape, m), keep the fastest")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--quick", action="store_true", help="only the first shape (a smoke test)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile the sweep's kernels in this many processes first (Triton's disk cache keeps them)")
+
+
+def _warm(task) -> int:
+    """Compile every candidate of one (impl kind, m) on the first shape, in a worker process; returns failures."""
+    name, m, (n, k) = task
+    torch.manual_seed(0)
+    w = (torch.randn(n, k, device="cuda") * 0.02).half()
+    kind, _, fn, _ = _implementations(w, only=name)[name]
+    group = int(name.rsplit("_g", 1)[1]) if kind == "int4" else None
+    x = torch.randn(m, k, device="cuda").half()
+    failures = 0
+    for cfg in candidate_configs(kind, m, n, k, group):
+        try:
+            fn(x, cfg)
+        except Exception:  # reported by the timed pass, which runs the same config again
+            failures += 1
+    torch.cuda.synchronize()
+    return failures
+
+
+def _precompile(batches, jobs: int) -> None:
+    import multiprocessing as mp
+
+    names = ["labkit_int8"] + [f"labkit_int4_g{g}" for g in GROUPS]
+    tasks = [(name, m, SHAPES[0]) for m in batches for name in names]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        pool.map(_warm, tasks, chunksize=1)
+
+
+def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
+    """name -> (kind, stored bytes, callable(x, config) -> y, dequantised weight). ``only``: labkit kernels, one name."""
+    if only is not None:
+        if only == "labkit_int8":
+            qt = quantize_tensor(w, "int8")
+            return {only: ("int8", qt.nbytes, lambda x, c: int8_matmul(x, qt.qweight, qt.scales, config=c), None)}
+        qt = quantize_tensor(w, "int4_g" + only.rsplit("_g", 1)[1])
+        return {only: ("int4", qt.nbytes, lambda x, c: int4_matmul(x, qt.qweight, qt.scales, qt.zeros,
+                                                                   qt.scheme.group_size, config=c), None)}
+    impls = {"fp16_cublas": ("dense", w.numel() * 2, lambda x, c: F.linear(x, w), w.float())}
+    for group in (64, 128):
+        try:
+            packed, sz, deq = _tinygemm_weight(w, group)
+            nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
+            impls[f"tinygemm_int4_g{group}"] = (
+                "dense", nbytes, lambda x, c, p=packed, s=sz, g=group: torch._weight_int4pack_mm(x.bfloat16(), p, g, s), deq)
+        except (RuntimeError, AttributeError) as e:
+            print(f"tinygemm_int4_g{group}: unavailable ({str(e)[:200]})")
+    qt8 = quantize_tensor(w, "int8")
+    try:
+        torch._weight_int8pack_mm(torch.zeros(1, w.shape[1], device=w.device, dtype=w.dtype), qt8.qweight, qt8.scales)
+        impls["torch_int8"] = ("dense", qt8.nbytes,
+                               lambda x, c: torch._weight_int8pack_mm(x, qt8.qweight, qt8.scales), dequantize(qt8, torch.float32))
+    except (RuntimeError, AttributeError) as e:
+        print(f"torch_int8: unavailable ({str(e)[:200]})")
+    impls["labkit_int8"] = ("int8", qt8.nbytes, lambda x, c: int8_matmul(x, qt8.qweight, qt8.scales, config=c),
+                            dequantize(qt8, torch.float32))
+    for group in GROUPS:
+        qt = quantize_tensor(w, f"int4_g{group}")
+        impls[f"labkit_int4_g{group}"] = (
+            "int4", qt.nbytes,
+            lambda x, c, q=qt: int4_matmul(x, q.qweight, q.scales, q.zeros, q.scheme.group_size, config=c),
+            dequantize(qt, torch.float32))
+    try:
+        from kernels.ternary import pack_ternary, ternary_matmul
+        from labkit.ternary import absmean_ternarise
+
+        t, scale = absmean_ternarise(w, "row")
+        packed = pack_ternary(t)
+        scale = scale.to(w.device)
+        impls["labkit_ternary"] = ("dense", packed.numel() + scale.numel() * 4,
+                                   lambda x, c: ternary_matmul(x, packed, scale), t.float() * scale[:, None])
+    except ImportError as e:
+        print(f"labkit_ternary: kernels/ternary.py not importable ({e})")
+    return impls
+
+
+def run(args) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("quant_matmul times GPU kernels; on the CPU replot data/bench/quant_matmul.json")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, sweep = [], []
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.sweep and args.jobs > 1:
+        import time
+
+        start = time.perf_counter()
+        _precompile(args.batches, args.jobs)
+        print(f"compiled the sweep's kernels in {args.jobs} processes: {time.perf_counter() - start:.0f} s", flush=True)
+    for n, k in shapes:
+        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()
+        impls = _implementations(w)
+        for m in args.batches:
+            x = torch.randn(m, k, device="cuda", generator=gen).half()
+            for name, (kind, wbytes, fn, deq) in impls.items():
+                ref = x.float() @ deq.T
+                cands = [None]
+                if kind in ("int8", "int4"):
+                    group = int(name.rsplit("_g", 1)[1]) if kind == "int4" else None
+                    cands = candidate_configs(kind, m, n, k, group) if args.sweep else [default_config(kind, m, n, k, group)]
+                best = None
+                for cfg in cands:
+                    try:
+                        err = _rel_err(fn(x, cfg), ref)
+                        ms = time_ms_clean_l2(lambda: fn(x, cfg), warmup_ms=10, rep_ms=40) if len(cands) > 1 else None
+                    except Exception as e:  # a config that fails to compile is reported, not fatal
+                        sweep.append({"impl": name, "m": m, "n": n, "k": k, "config": cfg, "error": repr(e)[:300]})
+                        continue
+                    if len(cands) > 1:
+                        sweep.append({"impl": name, "m": m, "n": n, "k": k, "config": cfg, "median_ms": ms, "rel_err": err})
+                    if err < 2e-2 and (best is None or (ms or 0) < best[0]):
+                        best = (ms or 0, cfg, err)
+                    elif err >= 2e-2:
+                        print(f"WRONG {name} m={m} n={n} k={k} cfg={cfg}: rel_err {err:.3g}")
+                if best is None:
+                    rows.append({"impl": name, "m": m, "n": n, "k": k, "error": "no correct configuration"})
+                    continue
+                _, cfg, err = best
+                ms = time_ms_clean_l2(lambda: fn(x, cfg))
+                ms_dirty = record.time_ms(lambda: fn(x, cfg))
+                moved = wbytes + x.numel() * 2 + m * n * 2
+                rows.append({"impl": name, "m": m, "n": n, "k": k, "median_ms": ms, "gbps": moved / (ms * 1e-3) / 1e9,
+                             "median_ms_dobench": ms_dirty, "weight_bytes": int(wbytes), "rel_err": err, "config": cfg})
+                print(f"{name:20s} m={m:2d} n={n:5d} k={k:5d} {ms * 1e3:7.1f} us {moved / (ms * 1e-3) / 1e9:5.0f} GB/s "
+                      f"(do_bench {ms_dirty * 1e3:6.1f} us) err {err:.0e}", flush=True)
+        del impls, w
+        torch.cuda.empty_cache()
+    for line in summary(rows):
+        print(line)
+    timing = ("median_ms: CUDA events, median, L2 emptied before every call by reading a buffer 4x its size "
+              "(time_ms_clean_l2); median_ms_dobench: record.time_ms (do_bench, L2 emptied by writing zeros)")
+    return {"shapes": {"nk": [list(s) for s in shapes], "batches": list(args.batches), "dtype": "float16",
+                       "activations": "fp16 (tinygemm: bf16)", "timing": timing},
+            "copy_gbps": record.copy_bandwidth_gbps(), "rows": rows, "sweep": sweep}
+
+
+def speedups(rows: list[dict], m: int = 1, baseline: str = "fp16_cublas") -> dict[tuple[int, int], dict[str, float]]:
+    """{(n, k): {impl: baseline time / impl time}} at batch ``m``, from a benchmark's rows."""
+    times = {}
+    for r in rows:
+        if r.get("m") == m and "median_ms" in r:
+            times.setdefault((r["n"], r["k"]), {})[r["impl"]] = r["median_ms"]
+    return {nk: {impl: t[baseline] / ms for impl, ms in t.items()} for nk, t in times.items() if baseline in t}
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Batch-1 speed-ups over fp16 cuBLAS, one line per shape (what the targets are judged on)."""
+    lines = []
+    for (n, k), sp in speedups(rows).items():
+        lines.append(f"m=1 n={n} k={k}: " + "  ".join(f"{impl} {x:.2f}x" for impl, x in sp.items() if impl != "fp16_cublas"))
+    return lines
