@@ -15,12 +15,13 @@ and the kernels drift toward compute; by m = 64 dequantisation work, not bytes, 
             labkit_ternary           kernels.ternary.ternary_matmul (if present)
 
 Every implementation is first checked against a float matmul with its own dequantised weight
-(``rel_err`` in the rows). The L2 cache is emptied before every timed call, so an 8 MB int4 weight is
-read from HBM, not from the 50-60 MB L2; :func:`time_ms_clean_l2` explains why the headline time
-(``median_ms``) empties it by reading, and ``median_ms_dobench`` keeps ``record.time_ms``'s figure too.
-With ``--sweep`` the labkit kernels try several block configurations per (shape, m) and the fastest is
-kept (``config`` in the row; every try is in ``sweep``). ``gbps`` counts the bytes that must move: the
-stored weight (codes, scales, zeros) plus x and y, over the median time.
+(``rel_err`` in the rows). Timing is ``record.time_ms``: do_bench's median with the L2 cache cleared
+before every call, so an 8 MB int4 weight is read from HBM, not from the 50-60 MB L2. (do_bench clears
+it by writing zeros, so each timed call also pays for writing dirty lines back: on the H200 this adds
+~4-7 us to cuBLAS's fp16 GEMV and little to the int4 kernels.) With ``--sweep`` the labkit kernels try
+several block configurations per (shape, m) and the fastest is kept (``config`` in the row; every try
+is in ``sweep``). ``gbps`` counts the bytes that must move: the stored weight (codes, scales, zeros)
+plus x and y, over the median time.
 
 Run on a GPU machine: ``python -m labkit.bench quant_matmul --sweep`` -> data/bench/quant_matmul.json.
 """
@@ -38,48 +39,13 @@ BATCHES = (1, 4, 16, 64)
 GROUPS = (32, 64, 128)
 
 
-_FLUSH: list[torch.Tensor] = []
-
-
-def time_ms_clean_l2(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median time of ``fn()`` in ms, CUDA events, with the L2 emptied before every call by *reading* a
-    buffer four times its size.
-
-    ``record.time_ms`` (triton's do_bench) empties the L2 by *writing* 256 MB of zeros, which leaves it
-    full of dirty lines: the timed kernel then pays for writing ~50 MB back to HBM while it reads, a
-    fixed ~10-15 us on an H100/H200 that makes every small kernel look slower and shrinks speed-ups.
-    A decode step's weights meet a clean L2 (nothing of theirs is cached), which this models.
-    """
-    if not _FLUSH:
-        l2 = torch.cuda.get_device_properties(0).L2_cache_size
-        _FLUSH.append(torch.ones(max(l2, 2**24), dtype=torch.int32, device="cuda"))  # 4 bytes x L2 size
-    flush = _FLUSH[0]
-
-    def timed(n):
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for i in range(n):
-            flush.sum()  # read-only: the L2 ends up holding clean lines of `flush`
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-    fn()
-    estimate = timed(5)[2]
-    timed(max(1, int(warmup_ms / max(estimate, 1e-3))))
-    times = timed(max(5, int(rep_ms / max(estimate, 1e-3))))
-    return float(times[len(times) // 2])
-
-
 # Candidate configs per batch size (the sweep); each one is a compile on the GPU machine, so the lists stay
 # short. GEMV: (BLOCK_N, bytes of a W row per step, warps, PREFETCH); one program per row of x, so at
-# m = 4 the four programs of an n-block share its weight tile through L2. GEMM (tensor cores; int4 steps
+# m = 4 the four programs of an n-block share its weight tile through L2. (HALF_MATH, the fp16-pair
+# variant of the int4 GEMV, is not in this list: it came after the recorded sweep.) GEMM (tensor cores; int4 steps
 # GROUPS groups at a time, int8 steps BLOCK_K = 128 * GROUPS): (BLOCK_M, BLOCK_N, GROUPS, warps, stages).
-_GEMV = [(8, 256, 4, True, True), (4, 256, 2, True, True), (8, 512, 4, True, True), (4, 512, 4, True, True),
-         (16, 256, 4, True, True), (8, 256, 4, False, True), (8, 256, 4, True, False), (4, 256, 2, True, False),
-         (16, 128, 2, True, True), (32, 256, 8, True, True)]
+_GEMV = [(8, 256, 4, True), (8, 256, 4, False), (4, 256, 2, True), (16, 256, 4, True), (8, 512, 4, True),
+         (16, 128, 2, True), (4, 512, 4, True), (32, 256, 8, True)]
 _GEMM = {1: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 16, 2, 2, 4), (16, 32, 4, 4, 3),
              (16, 64, 1, 4, 5), (16, 128, 1, 4, 4)],
          16: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 3)],
@@ -90,10 +56,9 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int | None = Non
     """The default config first, then the sweep's candidates for this batch size."""
     cands = [default_config(kind, m, n, k, group)]
     if m <= 4:
-        for bn, nbytes, warps, prefetch, half in _GEMV:
+        for bn, nbytes, warps, prefetch in _GEMV:
             cfg = dict(path="gemv", BLOCK_N=bn, MAGIC=True, PREFETCH=prefetch, num_warps=warps)
-            cfg.update(dict(BLOCK_K=nbytes) if kind == "int8" else
-                       dict(GROUPS=max(1, nbytes // (group // 2)), HALF_MATH=half))
+            cfg.update(dict(BLOCK_K=nbytes) if kind == "int8" else dict(GROUPS=max(1, nbytes // (group // 2))))
             cands.append(cfg)
     for bm, bn, groups, warps, stages in _GEMM[1 if m <= 4 else (16 if m <= 16 else 64)]:
         cfg = dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -240,7 +205,7 @@ def run(args) -> dict:
                 for cfg in cands:
                     try:
                         err = _rel_err(fn(x, cfg), ref)
-                        ms = time_ms_clean_l2(lambda: fn(x, cfg), warmup_ms=10, rep_ms=40) if len(cands) > 1 else None
+                        ms = record.time_ms(lambda: fn(x, cfg), warmup_ms=10, rep_ms=40) if len(cands) > 1 else None
                     except Exception as e:  # a config that fails to compile is reported, not fatal
                         sweep.append({"impl": name, "m": m, "n": n, "k": k, "config": cfg, "error": repr(e)[:300]})
                         continue
@@ -254,21 +219,18 @@ def run(args) -> dict:
                     rows.append({"impl": name, "m": m, "n": n, "k": k, "error": "no correct configuration"})
                     continue
                 _, cfg, err = best
-                ms = time_ms_clean_l2(lambda: fn(x, cfg))
-                ms_dirty = record.time_ms(lambda: fn(x, cfg))
+                ms = record.time_ms(lambda: fn(x, cfg))
                 moved = wbytes + x.numel() * 2 + m * n * 2
                 rows.append({"impl": name, "m": m, "n": n, "k": k, "median_ms": ms, "gbps": moved / (ms * 1e-3) / 1e9,
-                             "median_ms_dobench": ms_dirty, "weight_bytes": int(wbytes), "rel_err": err, "config": cfg})
-                print(f"{name:20s} m={m:2d} n={n:5d} k={k:5d} {ms * 1e3:7.1f} us {moved / (ms * 1e-3) / 1e9:5.0f} GB/s "
-                      f"(do_bench {ms_dirty * 1e3:6.1f} us) err {err:.0e}", flush=True)
+                             "weight_bytes": int(wbytes), "rel_err": err, "config": cfg})
+                print(f"{name:20s} m={m:2d} n={n:5d} k={k:5d} {ms * 1e3:8.1f} us {moved / (ms * 1e-3) / 1e9:5.0f} GB/s "
+                      f"err {err:.0e}", flush=True)
         del impls, w
         torch.cuda.empty_cache()
     for line in summary(rows):
         print(line)
-    timing = ("median_ms: CUDA events, median, L2 emptied before every call by reading a buffer 4x its size "
-              "(time_ms_clean_l2); median_ms_dobench: record.time_ms (do_bench, L2 emptied by writing zeros)")
     return {"shapes": {"nk": [list(s) for s in shapes], "batches": list(args.batches), "dtype": "float16",
-                       "activations": "fp16 (tinygemm: bf16)", "timing": timing},
+                       "activations": "fp16 (tinygemm: bf16)", "timing": "do_bench median, L2 cleared before every call"},
             "copy_gbps": record.copy_bandwidth_gbps(), "rows": rows, "sweep": sweep}
 
 

@@ -1,0 +1,539 @@
+"""Weight-only int8 / int4 matmul: the weights stay packed in memory and are dequantised in registers.
+
+What you will learn
+- Why batch-1 decode is a weight-streaming problem: every weight byte is read once per step, so
+  4-bit weights can make a matmul up to ~4x faster than 16-bit ones (bytes, not FLOPs, set the time).
+- How a kernel unpacks two 4-bit codes from a byte (mask, shift), subtracts the group's zero point,
+  multiplies by its scale, and never writes the dequantised weight anywhere.
+- Two shapes of the same computation: a GEMV path (few rows of x; CUDA-core multiply-adds, many
+  programs along n so the whole chip streams the weight) and a GEMM path (``tl.dot`` on tensor cores).
+
+Layouts (written by :mod:`labkit.quant`, read here; ``pack_int4`` / ``unpack_int4`` define int4's)::
+
+    int8:  qweight [N, K]  int8, w[n, k] ~= qweight[n, k] * scales[n]            (per output channel)
+    int4:  qweight [N, KP // 2] uint8, scales / zeros [N, KP // G]   (KP = K rounded up to G)
+           w[n, k] ~= (q[n, k] - zeros[n, k // G]) * scales[n, k // G]          (per group of G along k)
+
+    int4 packing inside one group of G weights (the same order as GGUF's Q4_0 / Q4_1 blocks):
+        weights   w0 w1 ... w(G/2-1) | w(G/2) ... w(G-1)
+        byte j  = [ code of w(j + G/2) | code of w(j) ]        high nibble | low nibble, j < G/2
+    so the low nibbles of a group's G/2 bytes multiply x[g*G : g*G + G/2] and the high nibbles
+    multiply x[g*G + G/2 : (g+1)*G]: two contiguous halves of x, no interleaving to undo.
+
+Blocked algorithm (int4; int8 is the same without groups and zeros, its row scale applied at the end)::
+
+    GEMV (m = 1, decode): one program per (BLOCK_N rows of W, row of x)
+        acc[BLOCK_N, GROUPS] = 0
+        for each run of GROUPS groups along k:                   # next run's loads issued first (PREFETCH)
+            p          = packed[n-block, groups]                  # [BN, GROUPS, G/2] u8: the only read of W
+            x_lo, x_hi = x[groups' first / second halves]         # loaded with p's shape, hence its layout
+            acc       += sum_j((p & 15) - zero) * x_lo + ((p >> 4) - zero) * x_hi) * scale
+        y = sum over GROUPS of acc
+    GEMM (m > 1, tensor cores): one program per (BLOCK_M rows of x, BLOCK_N rows of W)
+        for each group g:  acc += (x_lo @ ((p & 15) - zero) + x_hi @ ((p >> 4) - zero)) * scale[g]
+
+Tricks, each a constexpr so the plain version stays next to it:
+- ``MAGIC``: ``0x4B000000 | q`` read as fp32 is exactly 2**23 + q, so one OR and one subtract replace
+  an int-to-float conversion (which runs at a quarter of the rate of adds). The GEMM path does the same
+  in 16 bits (0x6400 | q is 1024 + q in fp16).
+- Pointer tensors of the weight tile's shape for x (every row of the tile points at the same inputs):
+  Triton gives loads of one shape one register layout, so the loop never reshuffles x through shared
+  memory (an earlier version did, three times a step).
+- ``HALF_MATH`` (fp16 x, GEMV): dequantise and multiply in fp16 pairs, with the nibbles unpacked by
+  inline PTX (``_INT4_TO_FP16_ASM``): 6.3 instead of 8.9 SASS instructions per weight in the loop
+  (G = 32, compiled for sm_90 by Triton 3.9). Products are rounded to fp16 and overflow if |x| > ~2000.
+  Off by default: the recorded sweep predates it.
+- ``SPLIT_K``: more programs along k, whose fp32 partial sums torch adds afterwards (an extra launch).
+"""
+from __future__ import annotations
+
+import torch
+
+import labkit.device  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+import triton
+import triton.language as tl
+
+from labkit.device import INTERPRETER
+
+SUPPORTED_GROUPS = (32, 64, 128, 256)
+GEMV_MAX_M = 1  # up to this many rows of x the GEMV path is the default (measured: m = 4 already favours tl.dot)
+
+
+# ----------------------------------------------------------------------------- int4 packing (the layout)
+def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Pack 4-bit codes (N, K) with values 0..15 into (N, K // 2) uint8, in the group layout above."""
+    if q.dim() != 2:
+        raise ValueError(f"pack_int4 expects a 2-D (N, K) tensor of codes, got shape {tuple(q.shape)}")
+    if q.is_floating_point() or q.is_complex():
+        raise ValueError(f"pack_int4 expects integer codes 0..15, got {q.dtype}")
+    n, k = q.shape
+    if group_size % 2 or k % group_size:
+        raise ValueError(f"K = {k} must be a multiple of the (even) group size {group_size}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("pack_int4 expects codes in 0..15")
+    g = q.to(torch.uint8).reshape(n, k // group_size, 2, group_size // 2)  # (N, groups, half, G/2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: (N, K // 2) uint8 -> (N, K) uint8 codes 0..15."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"unpack_int4 expects a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    n, kb = packed.shape
+    if (2 * kb) % group_size:
+        raise ValueError(f"{2 * kb} codes a row is not a multiple of the group size {group_size}")
+    g = packed.reshape(n, 2 * kb // group_size, 1, group_size // 2)  # (N, groups, 1, G/2)
+    return torch.cat([g & 15, g >> 4], dim=2).reshape(n, 2 * kb)  # low nibbles first, then high
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _int8_gemv_loads(w_rows, x_row, mask_n, k0, k_end, K, BLOCK_K: tl.constexpr):
+    """One step's loads: a [BLOCK_N, BLOCK_K] int8 tile and the inputs it multiplies (same shape)."""
+    k = k0 + tl.arange(0, BLOCK_K)[None, :]  # (1, BK)
+    valid = (k < K) & (k < k_end)
+    q = tl.load(w_rows + k, mask=mask_n[:, None] & valid, other=0)  # (BN, BK) int8
+    x = tl.load(x_row + k, mask=valid, other=0.0)  # (BN, BK): every row of the tile reads the same inputs
+    return q, x
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr,  # [M, K] fp16 / bf16 / fp32, unit stride along K
+    w_ptr,  # [N, K] int8, row stride stride_wn
+    s_ptr,  # [N] one scale per output row
+    y_ptr,  # [M, N] x's dtype, or [SPLIT_K, M, N] fp32 partial sums
+    M, N, K,
+    stride_xm, stride_wn, stride_ym, stride_ys,
+    SPLIT_STEPS,  # BLOCK_K-steps of k each split (program_id 2) covers
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MAGIC: tl.constexpr,
+    PREFETCH: tl.constexpr,  # issue the next step's loads before this step's arithmetic
+):
+    # One row m of x per program (program_id 1). x is loaded through a [BLOCK_N, BLOCK_K] pointer tensor
+    # (every row of the tile points at the same inputs): a load of the weight's shape gets the weight's
+    # register layout, so nothing has to be reshuffled through shared memory inside the loop.
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n[:, None] * stride_wn  # (BN, 1)
+    x_row = x_ptr + m * stride_xm + offs_n[:, None] * 0  # (BN, 1), all the same row
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    k_start = tl.program_id(2) * SPLIT_STEPS * BLOCK_K  # a multiple of BLOCK_K: loads stay 16-byte aligned
+    k_end = tl.minimum(k_start + SPLIT_STEPS * BLOCK_K, K)
+    q, x = _int8_gemv_loads(w_rows, x_row, mask_n, k_start, k_end, K, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:  # the next tile is in flight while this one is multiplied
+            q_next, x_next = _int8_gemv_loads(w_rows, x_row, mask_n, k0 + BLOCK_K, k_end, K, BLOCK_K)
+        if MAGIC:  # (q + 128) as a byte, OR'ed into 2**23's mantissa: 2**23 + 128 + q exactly
+            u = q.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80
+            w = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            w = q.to(tl.float32)
+        acc += w * x.to(tl.float32)
+        if PREFETCH:
+            q, x = q_next, x_next
+        else:
+            q, x = _int8_gemv_loads(w_rows, x_row, mask_n, k0 + BLOCK_K, k_end, K, BLOCK_K)
+    s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=1) * s  # (BN,)
+    tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+# Four packed bytes [b3 b2 b1 b0] -> eight fp16 values 1024 + code, as pairs in 32-bit registers: PRMT moves
+# two bytes into the two 16-bit lanes, LOP3 keeps one nibble of each and ORs in fp16's 1024.0 (0x6400),
+# so the code lands in the mantissa (the classic "lop3" trick of FasterTransformer / Marlin).
+_INT4_TO_FP16_ASM = tl.constexpr("""
+{
+.reg .b32 t0, t1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+shr.b32 t0, t0, 4;
+shr.b32 t1, t1, 4;
+lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
+}
+""")
+
+
+@triton.jit
+def _int4_gemv_loads(w_rows, x_row, s_rows, z_rows, mask_n, g0, g_end, K,
+                     GROUP: tl.constexpr, GROUPS: tl.constexpr, EVEN_K: tl.constexpr):
+    """One step's loads: packed bytes [BLOCK_N, GROUPS, G/2], the inputs of their low and high nibbles
+    (same shape), and the groups' scales and zero points [BLOCK_N, GROUPS]."""
+    HALF: tl.constexpr = GROUP // 2
+    g = g0 + tl.arange(0, GROUPS)  # (NG,)
+    offs_j = tl.arange(0, HALF)
+    mask_ng = mask_n[:, None] & (g < g_end)[None, :]  # (BN, NG)
+    # Masked-off lanes (rows past N, the step after the last) are left undefined: they are never stored.
+    p = tl.load(w_rows + (g * HALF)[None, :, None] + offs_j[None, None, :], mask=mask_ng[:, :, None])
+    k_lo = (g * GROUP)[None, :, None] + offs_j[None, None, :]  # (1, NG, G/2): inputs of the low nibbles
+    valid = (g < g_end)[None, :, None]
+    if EVEN_K:
+        x_lo = tl.load(x_row + k_lo, mask=valid)  # (BN, NG, G/2)
+        x_hi = tl.load(x_row + k_lo + HALF, mask=valid)
+    else:  # inputs past K (the zero padding of the last group) must read as 0
+        x_lo = tl.load(x_row + k_lo, mask=valid & (k_lo < K), other=0.0)
+        x_hi = tl.load(x_row + k_lo + HALF, mask=valid & (k_lo + HALF < K), other=0.0)
+    s = tl.load(s_rows + g[None, :], mask=mask_ng)
+    z = tl.load(z_rows + g[None, :], mask=mask_ng)
+    return p, x_lo, x_hi, s, z
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr,  # [M, K] fp16 / bf16 / fp32, unit stride along K
+    w_ptr,  # [N, KP // 2] uint8, two codes a byte (group layout in the module docstring), row stride stride_wn
+    s_ptr,  # [N, KP // GROUP] scales
+    z_ptr,  # [N, KP // GROUP] uint8 zero points 0..15
+    y_ptr,  # [M, N] x's dtype, or [SPLIT_K, M, N] fp32 partial sums
+    M, N, K, KP,
+    stride_xm, stride_wn, stride_ym, stride_ys,
+    SPLIT_LEN,  # groups each split (program_id 2) covers, a multiple of GROUPS
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr,  # groups per row and step: BLOCK_K = GROUPS * GROUP weights
+    MAGIC: tl.constexpr,
+    PREFETCH: tl.constexpr,  # issue the next step's loads before this step's arithmetic
+    HALF_MATH: tl.constexpr = False,  # fp16 x only: dequantise and multiply in fp16 pairs, sum in fp32
+    USE_ASM: tl.constexpr = False,  # HALF_MATH's unpacking as inline PTX (GPU only)
+    EVEN_K: tl.constexpr = False,  # K == KP: no zero padding to mask
+):
+    # One row m of x per program (program_id 1); the tile is [BLOCK_N, GROUPS, G/2] packed bytes, and the
+    # inputs are loaded through pointer tensors of that same shape, so the loads share one register layout.
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    mask_n = offs_n < N
+    num_groups = KP // GROUP
+    w_rows = w_ptr + offs_n[:, None, None] * stride_wn  # (BN, 1, 1)
+    x_row = x_ptr + m * stride_xm + offs_n[:, None, None] * 0  # (BN, 1, 1), all the same row of x
+    s_rows = s_ptr + offs_n[:, None] * num_groups  # (BN, 1)
+    z_rows = z_ptr + offs_n[:, None] * num_groups
+    acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
+    g_start = tl.program_id(2) * SPLIT_LEN
+    g_end = tl.minimum(g_start + SPLIT_LEN, num_groups)
+    p, x_lo, x_hi, s, z = _int4_gemv_loads(w_rows, x_row, s_rows, z_rows, mask_n, g_start, g_end, K, GROUP, GROUPS,
+                                           EVEN_K)
+    for g0 in range(g_start, g_end, GROUPS):
+        if PREFETCH:  # the next tile is in flight while this one is unpacked and multiplied
+            p_n, x_lo_n, x_hi_n, s_n, z_n = _int4_gemv_loads(w_rows, x_row, s_rows, z_rows, mask_n, g0 + GROUPS,
+                                                            g_end, K, GROUP, GROUPS, EVEN_K)
+        if HALF_MATH:  # fp16 pairs: (1024 + q) - (1024 + zero) exact, two products per byte, summed in fp32
+            zh = (z.to(tl.float32) + 1024.0).to(tl.float16)
+            if USE_ASM:  # four bytes -> eight fp16 codes in four registers: 2 PRMT + 2 SHR + 4 LOP3
+                lo, hi = tl.inline_asm_elementwise(_INT4_TO_FP16_ASM, "=r,=r,=r,=r,r", [p],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            else:  # the same values, one element at a time (the interpreter cannot run PTX)
+                lo = ((p & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+                hi = ((p >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            t = (lo - zh[:, :, None]) * x_lo + (hi - zh[:, :, None]) * x_hi  # fp16: one value per byte
+            part = tl.sum(t.to(tl.float32), axis=2)  # (BN, NG)
+        else:
+            zf = z.to(tl.float32)
+            if MAGIC:
+                lo = ((p & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
+                hi = ((p >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+                zf = zf + 8388608.0
+            else:
+                lo = (p & 15).to(tl.float32)
+                hi = (p >> 4).to(tl.float32)
+            # sum over the group of (q - zero) * x, then one multiply by the group's scale
+            part = tl.sum((lo - zf[:, :, None]) * x_lo.to(tl.float32) + (hi - zf[:, :, None]) * x_hi.to(tl.float32),
+                          axis=2)  # (BN, NG)
+        acc += part * s.to(tl.float32)
+        if PREFETCH:
+            p, x_lo, x_hi, s, z = p_n, x_lo_n, x_hi_n, s_n, z_n
+        else:
+            p, x_lo, x_hi, s, z = _int4_gemv_loads(w_rows, x_row, s_rows, z_rows, mask_n, g0 + GROUPS, g_end, K,
+                                                   GROUP, GROUPS, EVEN_K)
+    y = tl.sum(acc, axis=1)  # (BN,)
+    tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    x_ptr,  # [M, K] fp16 / bf16 / fp32, unit stride along K
+    w_ptr,  # [N, K] int8, row stride stride_wn
+    s_ptr,  # [N]
+    y_ptr,  # [M, N], or [SPLIT_K, M, N] fp32 partial sums
+    M, N, K,
+    stride_xm, stride_wn, stride_ym, stride_ys,
+    SPLIT_STEPS,  # BLOCK_K-steps of k each split (program_id 2) covers
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BITS_DTYPE: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VALUE: tl.constexpr,  # see _magic(); 0: plain cast
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    k_start = tl.program_id(2) * SPLIT_STEPS * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + SPLIT_STEPS * BLOCK_K, K), BLOCK_K):
+        k = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < K)[None, :],
+                    other=0.0)  # (BM, BK)
+        q = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None], mask=mask_n[None, :] & (k < K)[:, None],
+                    other=0)  # (BK, BN) int8: W^T's tile
+        if MAGIC_BITS:  # q + 128 into the low mantissa bits of MAGIC_VALUE, then subtract: exact
+            u = q.to(tl.uint8, bitcast=True).to(BITS_DTYPE) ^ 0x80
+            w = (u | MAGIC_BITS).to(DOT_DTYPE, bitcast=True) - (MAGIC_VALUE + 128.0)
+        else:
+            w = q.to(DOT_DTYPE)
+        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    y = acc * s[None, :]
+    tl.store(y_ptr + tl.program_id(2) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _int4_gemm_kernel(
+    x_ptr,  # [M, K] fp16 / bf16 / fp32, unit stride along K
+    w_ptr,  # [N, KP // 2] uint8, row stride stride_wn
+    s_ptr,  # [N, KP // GROUP]
+    z_ptr,  # [N, KP // GROUP] uint8
+    y_ptr,  # [M, N], or [SPLIT_K, M, N] fp32 partial sums
+    M, N, K, KP,
+    stride_xm, stride_wn, stride_ym, stride_ys,
+    SPLIT_LEN,  # groups each split (program_id 2) covers, a multiple of GROUPS
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr,  # groups per loop step (unrolled), so each step loads a bigger tile
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BITS_DTYPE: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VALUE: tl.constexpr,  # see _magic()
+):
+    HALF: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, HALF)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_groups = KP // GROUP
+    g_start = tl.program_id(2) * SPLIT_LEN
+    g_end = tl.minimum(g_start + SPLIT_LEN, num_groups)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    k_end = tl.minimum(K, g_end * GROUP)  # inputs this split may read
+    for g0 in range(g_start, g_end, GROUPS):
+        for gi in tl.static_range(GROUPS):
+            g = g0 + gi  # past g_end (the last step's tail) every load below is masked off
+            k_lo = g * GROUP + offs_j  # (G/2,)
+            x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :],
+                           mask=mask_m[:, None] & (k_lo < k_end)[None, :], other=0.0)  # (BM, G/2)
+            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k_lo + HALF)[None, :],
+                           mask=mask_m[:, None] & (k_lo + HALF < k_end)[None, :], other=0.0)
+            p = tl.load(w_ptr + offs_n[None, :] * stride_wn + (g * HALF + offs_j)[:, None],
+                        mask=mask_n[None, :] & (g * HALF + offs_j < g_end * HALF)[:, None],
+                        other=0)  # (G/2, BN) uint8: W^T's tile, packed
+            mask_g = mask_n & (offs_n * 0 + g < g_end)
+            z = tl.load(z_ptr + offs_n * num_groups + g, mask=mask_g, other=0)  # (BN,)
+            s = tl.load(s_ptr + offs_n * num_groups + g, mask=mask_g, other=0.0).to(tl.float32)
+            zf = (z.to(tl.float32) + MAGIC_VALUE).to(DOT_DTYPE)  # MAGIC_VALUE + zero, exact
+            # code -> MAGIC_VALUE + code with one OR (the code lands in the mantissa), minus the same + zero
+            lo = ((p & 15).to(BITS_DTYPE) | MAGIC_BITS).to(DOT_DTYPE, bitcast=True) - zf[None, :]
+            hi = ((p >> 4).to(BITS_DTYPE) | MAGIC_BITS).to(DOT_DTYPE, bitcast=True) - zf[None, :]
+            part = tl.dot(x_lo.to(DOT_DTYPE), lo, input_precision=DOT_PRECISION)
+            part = tl.dot(x_hi.to(DOT_DTYPE), hi, acc=part, input_precision=DOT_PRECISION)
+            acc += part * s[None, :]  # the group's scale, once per output element
+    tl.store(y_ptr + tl.program_id(2) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- checks and configs
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _check_x(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (m, k), got shape {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"x is on {x.device} but the quantised weight is on {like.device}: move one of them")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _check_int8(x, qweight, scales):
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"int8 qweight must be a 2-D int8 tensor (n, k), got {qweight.dtype} {tuple(qweight.shape)}")
+    x = _check_x(x, qweight)
+    n, k = qweight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has k = {x.shape[1]} but qweight is (n, k) = {tuple(qweight.shape)}")
+    if scales.shape != (n,) or scales.dtype not in _FLOATS or scales.device != qweight.device:
+        raise ValueError(f"scales must be a float tensor of shape ({n},) on {qweight.device}, "
+                         f"got {scales.dtype} {tuple(scales.shape)} on {scales.device}")
+    return x, qweight.contiguous(), scales.contiguous()
+
+
+def _check_int4(x, qweight, scales, zeros, group_size):
+    if group_size not in SUPPORTED_GROUPS:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUPS}, got {group_size}")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"int4 qweight must be 2-D uint8 (n, k_padded // 2), got {qweight.dtype} {tuple(qweight.shape)}")
+    x = _check_x(x, qweight)
+    n, kp = qweight.shape[0], 2 * qweight.shape[1]
+    k = x.shape[1]
+    if kp % group_size or not kp - group_size < k <= kp:
+        raise ValueError(f"x has k = {k} but qweight holds {kp} codes a row: expected k rounded up to a multiple "
+                         f"of group_size {group_size} to equal {kp}")
+    want = (n, kp // group_size)
+    if scales.shape != want or scales.dtype not in _FLOATS or scales.device != qweight.device:
+        raise ValueError(f"scales must be float {want} on {qweight.device}, got {scales.dtype} {tuple(scales.shape)} "
+                         f"on {scales.device}")
+    if zeros.shape != want or zeros.dtype != torch.uint8 or zeros.device != qweight.device:
+        raise ValueError(f"zeros must be uint8 {want} on {qweight.device}, got {zeros.dtype} {tuple(zeros.shape)} "
+                         f"on {zeros.device}")
+    return x, qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+
+
+def default_config(kind: str, m: int, n: int, k: int, group_size: int | None = None) -> dict:
+    """Block sizes for an H100/H200: the winners of the sweep in data/bench/quant_matmul.json.
+
+    m = 1 (decode): the GEMV path, 4 rows of W per program and 256-512 bytes of each row per step, so
+    n / 4 programs (>= 1024 for Llama's shapes) keep enough loads in flight. m > 1: tensor cores; a
+    BLOCK_N of 32 keeps n / 32 programs busy, and int4 steps two groups at a time.
+    """
+    if m <= GEMV_MAX_M:
+        if kind == "int8":
+            return dict(path="gemv", BLOCK_N=4, BLOCK_K=512, MAGIC=True, PREFETCH=True, num_warps=4)
+        return dict(path="gemv", BLOCK_N=4, GROUPS=max(1, 512 // group_size), MAGIC=True, PREFETCH=True, num_warps=2)
+    block_m = 16 if m <= 16 else 64
+    if kind == "int8":
+        return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+    return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=32, GROUPS=2, num_warps=4, num_stages=4)
+
+
+def _dot_types(x: torch.Tensor):
+    if INTERPRETER:  # the interpreter's dot runs in numpy; fp32 avoids its raw-bits bf16
+        return tl.float32, "ieee"
+    return _TL[x.dtype], ("ieee" if x.dtype == torch.float32 else "tf32")
+
+
+def _magic(dot_dtype, kind: str):
+    """(integer type, bits, value) such that ``(code | bits)`` read as ``dot_dtype`` is ``value + code`` exactly:
+    0x6400 is 1024.0 in fp16 (10 mantissa bits hold codes up to 1023), 0x4300 is 128.0 in bf16 (7 bits:
+    enough for int4 codes, not for int8's 0..255, which then use a plain conversion), 0x4B000000 is 2**23 in fp32."""
+    if dot_dtype == tl.float16:
+        return tl.int16, 0x6400, 1024.0
+    if dot_dtype == tl.bfloat16:
+        return (tl.int16, 0x4300, 128.0) if kind == "int4" else (tl.int16, 0, 0.0)
+    return tl.int32, 0x4B000000, 8388608.0
+
+
+def _launch_options(cfg: dict) -> dict:
+    return {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg and not INTERPRETER}
+
+
+# ----------------------------------------------------------------------------- wrappers
+def _split(total: int, split_k: int, unit: int) -> int:
+    """Length (a multiple of ``unit``) of each of ``split_k`` ranges that together cover ``total``."""
+    return triton.cdiv(triton.cdiv(total, split_k), unit) * unit
+
+
+def _outputs(x: torch.Tensor, n: int, split_k: int):
+    """(buffer the kernel writes, its split stride): y itself, or fp32 partial sums that are added afterwards."""
+    m = x.shape[0]
+    if split_k == 1:
+        return torch.empty((1, m, n), dtype=x.dtype, device=x.device), 0
+    return torch.empty((split_k, m, n), dtype=torch.float32, device=x.device), m * n
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *, config: dict | None = None):
+    """y = x @ (qweight * scales[:, None])^T. x (m, k) float; qweight (n, k) int8; scales (n,). Returns (m, n) in x's dtype.
+
+    ``config`` overrides :func:`default_config`: ``path`` "gemv" or "gemm", that kernel's block sizes, and
+    ``SPLIT_K`` (split k over that many programs; their fp32 partial sums are added by torch afterwards).
+    """
+    x, qweight, scales = _check_int8(x, qweight, scales)
+    m, k = x.shape
+    n = qweight.shape[0]
+    cfg = dict(config or default_config("int8", m, n, k))
+    split_k = cfg.get("SPLIT_K", 1)
+    out, stride_ys = _outputs(x, n, split_k)
+    opts = _launch_options(cfg)
+    steps = triton.cdiv(triton.cdiv(k, cfg["BLOCK_K"]), split_k)  # BLOCK_K-steps per split
+    if cfg["path"] == "gemv":  # one program per (BLOCK_N rows of W, row of x, split)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)
+        _int8_gemv_kernel[grid](x, qweight, scales, out, m, n, k, x.stride(0), qweight.stride(0), n, stride_ys,
+                                steps, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], MAGIC=cfg["MAGIC"],
+                                PREFETCH=cfg.get("PREFETCH", True), **opts)
+    else:
+        dot_dtype, precision = _dot_types(x)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
+        bits, magic_bits, magic_value = _magic(dot_dtype, "int8")
+        _int8_gemm_kernel[grid](x, qweight, scales, out, m, n, k, x.stride(0), qweight.stride(0), n, stride_ys,
+                                steps, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, BITS_DTYPE=bits,
+                                MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value, **opts)
+    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int, *, config: dict | None = None):
+    """y = x @ W^T with W dequantised group by group from packed int4 codes, in registers.
+
+    x (m, k) float; qweight (n, kp // 2) uint8 (kp = k rounded up to group_size); scales (n, kp // G)
+    float; zeros (n, kp // G) uint8. Returns (m, n) in x's dtype, accumulated in fp32. ``config`` as
+    for :func:`int8_matmul`.
+    """
+    x, qweight, scales, zeros = _check_int4(x, qweight, scales, zeros, group_size)
+    m, k = x.shape
+    n, kp = qweight.shape[0], 2 * qweight.shape[1]
+    cfg = dict(config or default_config("int4", m, n, k, group_size))
+    split_k = cfg.get("SPLIT_K", 1)
+    out, stride_ys = _outputs(x, n, split_k)
+    opts = _launch_options(cfg)
+    if cfg["path"] == "gemv":  # one program per (BLOCK_N rows of W, row of x, split)
+        half_math = cfg.get("HALF_MATH", False) and x.dtype == torch.float16
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)
+        _int4_gemv_kernel[grid](x, qweight, scales, zeros, out, m, n, k, kp, x.stride(0), qweight.stride(0), n,
+                                stride_ys, _split(kp // group_size, split_k, cfg["GROUPS"]),
+                                GROUP=group_size, BLOCK_N=cfg["BLOCK_N"], GROUPS=cfg["GROUPS"], MAGIC=cfg["MAGIC"],
+                                PREFETCH=cfg.get("PREFETCH", True), HALF_MATH=half_math, USE_ASM=half_math and not INTERPRETER,
+                                EVEN_K=k == kp, **opts)
+    else:
+        dot_dtype, precision = _dot_types(x)
+        bits, magic_bits, magic_value = _magic(dot_dtype, "int4")
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
+        _int4_gemm_kernel[grid](x, qweight, scales, zeros, out, m, n, k, kp, x.stride(0), qweight.stride(0), n,
+                                stride_ys, _split(kp // group_size, split_k, cfg.get("GROUPS", 1)),
+                                GROUP=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                GROUPS=cfg.get("GROUPS", 1), DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+                                BITS_DTYPE=bits, MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value, **opts)
+    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- plain-torch references
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(n, k) int8 codes times per-row scales -> (n, k) float."""
+    return (qweight.float() * scales.float()[:, None]).to(dtype)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    in_features: int | None = None, dtype=torch.float32) -> torch.Tensor:
+    """(n, kp // 2) packed codes -> (n, in_features) float: (q - zero) * scale, group by group."""
+    q = unpack_int4(qweight, group_size).float()  # (N, KP)
+    n, kp = q.shape
+    q = q.reshape(n, kp // group_size, group_size)
+    w = (q - zeros.float()[:, :, None]) * scales.float()[:, :, None]
+    return w.reshape(n, kp)[:, : (in_features or kp)].to(dtype)
+
+
+def int8_matmul_ref(x, qweight, scales, *, config=None):
+    """Plain-torch :func:`int8_matmul` (dequantise, then an fp32 matmul). ``config`` is ignored."""
+    x, qweight, scales = _check_int8(x, qweight, scales)
+    return (x.float() @ dequantize_int8(qweight, scales).T).to(x.dtype)
+
+
+def int4_matmul_ref(x, qweight, scales, zeros, group_size, *, config=None):
+    """Plain-torch :func:`int4_matmul` (dequantise, then an fp32 matmul). ``config`` is ignored."""
+    x, qweight, scales, zeros = _check_int4(x, qweight, scales, zeros, group_size)
+    w = dequantize_int4(qweight, scales, zeros, group_size, x.shape[1])
+    return (x.float() @ w.T).to(x.dtype)
