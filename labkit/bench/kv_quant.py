@@ -23,8 +23,6 @@ The cache-write rows time one decode step's writes (B new tokens): plain copy vs
 """
 from __future__ import annotations
 
-import time
-import traceback
 
 import torch
 
@@ -32,6 +30,7 @@ from kernels import paged_attention as pa
 from kernels import paged_attention_int8kv as pq
 from kernels.cache_write import cache_write
 from labkit.bench import record
+from labkit.bench.record import measure, rel_err
 
 SHAPES = ((16, 4096), (64, 4096), (128, 2048), (256, 1024))  # (batch, context)
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -68,28 +67,6 @@ def make_inputs(batch, context, seed=0):
                              codes[0], codes[1], scales[0], scales[1], slots)
         inp[fmt] = (codes[0], codes[1], scales[0], scales[1])
     return inp
-
-
-def rel_err(out, ref):
-    out = out[: ref.shape[0]].float()
-    return float("inf") if not torch.isfinite(out).all() else ((out - ref).norm() / ref.norm()).item()
-
-
-def measure(name, fn, ref, nbytes, rep_ms, **extra):
-    row = dict(impl=name, **extra)
-    try:
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        row["first_call_s"] = round(time.perf_counter() - t0, 2)
-        if ref is not None:
-            row["rel_err"] = rel_err(out, ref)
-        ms = record.time_ms(fn, rep_ms=rep_ms)
-        row.update(median_ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, kv_bytes=nbytes)
-    except Exception as exc:  # recorded, not hidden
-        row["error"] = f"{type(exc).__name__}: {exc}"[:400]
-        traceback.print_exc()
-    return row
 
 
 def run(args) -> dict:

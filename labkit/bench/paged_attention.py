@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 
 from kernels import paged_attention as pa
 from labkit.bench import record
+from labkit.bench.record import measure
 
 SHAPES = ((1, 65536), (4, 16384), (16, 8192), (64, 4096), (256, 4096))  # (batch, context)
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -118,13 +117,6 @@ def reference(inp: dict) -> torch.Tensor:
     return pa.paged_attention_ref(q[:n].float(), k_cache, v_cache, block_tables[:n], seq_lens[:n]).float()
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out[: ref.shape[0]].float()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 def kv_bytes(batch: int, context: int, dtype: torch.dtype) -> int:
     return 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * torch.finfo(dtype).bits // 8
 
@@ -143,35 +135,6 @@ def impl_fns(inp: dict, impls: list[str]) -> dict:
     if "flex_paged" in impls:
         fns["flex_paged"] = make_flex_paged(inp)
     return fns
-
-
-def measure(name, fn, ref, nbytes, rep_ms, **extra) -> dict:
-    """Check fn() against the reference, then time its CUDA-graph replay (median_ms) and eager calls (eager_ms)."""
-    row = dict(impl=name, **extra)
-    try:
-        t0 = time.perf_counter()
-        out = fn()  # compiles on the first call
-        torch.cuda.synchronize()
-        row["first_call_s"] = round(time.perf_counter() - t0, 2)
-        row["rel_err"] = rel_err(out, ref)
-        eager_ms = record.time_ms(fn, rep_ms=max(20, rep_ms // 2))
-        try:
-            held = {}
-            replay = record.graphed(lambda: held.__setitem__("out", fn()))
-            held["out"].fill_(float("nan"))  # poison: the replay must write every element again
-            replay()
-            torch.cuda.synchronize()
-            if not torch.equal(held["out"], out):
-                row["graph_rel_diff"] = rel_err(held["out"], out.float())
-            ms, row["timing"] = record.time_ms(replay, rep_ms=rep_ms), "cuda_graph"
-        except Exception as exc:  # said in the row: this impl's median_ms is an eager time
-            row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            ms, row["timing"] = eager_ms, "eager"
-        row.update(median_ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, eager_ms=eager_ms)
-    except Exception as exc:  # recorded, not hidden: the row says why this impl has no time
-        row["error"] = f"{type(exc).__name__}: {exc}"[:400]
-        traceback.print_exc()
-    return row
 
 
 def run(args) -> dict:

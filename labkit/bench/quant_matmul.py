@@ -15,10 +15,12 @@ and the kernels drift toward compute; by m = 64 dequantisation work, not bytes, 
             labkit_ternary           kernels.ternary.ternary_matmul (if present)
 
 Every implementation is first checked against a float matmul with its own dequantised weight
-(``rel_err`` in the rows). Timing is ``record.time_ms``: do_bench's median with the L2 cache cleared
-before every call, so an 8 MB int4 weight is read from HBM, not from the 50-60 MB L2. (do_bench clears
-it by writing zeros, so each timed call also pays for writing dirty lines back: on the H200 this adds
-~4-7 us to cuBLAS's fp16 GEMV and little to the int4 kernels.) With ``--sweep`` the labkit kernels try
+(``rel_err`` in the rows). Timing is ``record.time_ms`` of a CUDA-graph replay (``record.graphed``),
+as serving engines replay decode steps and as the other benchmarks time: without it a Triton kernel's
+Python launch (~25 us) hides the 10-30 us kernels being compared. do_bench clears the L2 cache before
+every call, so an 8 MB int4 weight is read from HBM, not from the 50-60 MB L2. (It clears it by writing
+zeros, so each timed call also pays for writing dirty lines back: on the H200 this adds ~4-7 us to
+cuBLAS's fp16 GEMV and little to the int4 kernels.) With ``--sweep`` the labkit kernels try
 several block configurations per (shape, m) and the fastest is kept (``config`` in the row; every try
 is in ``sweep``). ``gbps`` counts the bytes that must move: the stored weight (codes, scales, zeros)
 plus x and y, over the median time.
@@ -177,6 +179,18 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
     return impls
 
 
+def graph_ms(fn, **kwargs) -> tuple[float, str]:
+    """(median ms, how it was timed): a CUDA-graph replay of fn(); eager calls only if capture fails, and then
+    the row says so."""
+    held = {}
+    try:
+        replay = record.graphed(lambda: held.__setitem__("y", fn()))
+    except RuntimeError as e:
+        torch.cuda.synchronize()
+        return record.time_ms(fn, **kwargs), f"eager (graph capture failed: {str(e)[:120]})"
+    return record.time_ms(replay, **kwargs), "cuda_graph"
+
+
 def run(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("quant_matmul times GPU kernels; on the CPU replot data/bench/quant_matmul.json")
@@ -205,7 +219,7 @@ def run(args) -> dict:
                 for cfg in cands:
                     try:
                         err = _rel_err(fn(x, cfg), ref)
-                        ms = record.time_ms(lambda: fn(x, cfg), warmup_ms=10, rep_ms=40) if len(cands) > 1 else None
+                        ms = graph_ms(lambda: fn(x, cfg), warmup_ms=10, rep_ms=40)[0] if len(cands) > 1 else None
                     except Exception as e:  # a config that fails to compile is reported, not fatal
                         sweep.append({"impl": name, "m": m, "n": n, "k": k, "config": cfg, "error": repr(e)[:300]})
                         continue
@@ -219,10 +233,10 @@ def run(args) -> dict:
                     rows.append({"impl": name, "m": m, "n": n, "k": k, "error": "no correct configuration"})
                     continue
                 _, cfg, err = best
-                ms = record.time_ms(lambda: fn(x, cfg))
+                ms, timing = graph_ms(lambda: fn(x, cfg))
                 moved = wbytes + x.numel() * 2 + m * n * 2
                 rows.append({"impl": name, "m": m, "n": n, "k": k, "median_ms": ms, "gbps": moved / (ms * 1e-3) / 1e9,
-                             "weight_bytes": int(wbytes), "rel_err": err, "config": cfg})
+                             "weight_bytes": int(wbytes), "rel_err": err, "config": cfg, "timing": timing})
                 print(f"{name:20s} m={m:2d} n={n:5d} k={k:5d} {ms * 1e3:8.1f} us {moved / (ms * 1e-3) / 1e9:5.0f} GB/s "
                       f"err {err:.0e}", flush=True)
         del impls, w
@@ -230,7 +244,7 @@ def run(args) -> dict:
     for line in summary(rows):
         print(line)
     return {"shapes": {"nk": [list(s) for s in shapes], "batches": list(args.batches), "dtype": "float16",
-                       "activations": "fp16 (tinygemm: bf16)", "timing": "do_bench median, L2 cleared before every call"},
+                       "activations": "fp16 (tinygemm: bf16)", "timing": "CUDA-graph replay, do_bench median, L2 cleared before every call"},
             "copy_gbps": record.copy_bandwidth_gbps(), "rows": rows, "sweep": sweep}
 
 

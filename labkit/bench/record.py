@@ -7,6 +7,8 @@ import pathlib
 import platform
 import shlex
 import sys
+import time
+import traceback
 
 import torch
 
@@ -68,6 +70,45 @@ def copy_bandwidth_gbps(num_bytes: int = 2 * 2**30) -> float:
     ms = time_ms(lambda: dst.copy_(src))
     del src, dst
     return num_bytes / (ms * 1e-3) / 1e9
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over ref's rows (inf if out has a NaN or inf)."""
+    out = out[: ref.shape[0]].float()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def measure(name, fn, ref, nbytes, rep_ms, **extra) -> dict:
+    """Check fn() against the reference (if given), then time its CUDA-graph replay (median_ms) and eager calls (eager_ms)."""
+    row = dict(impl=name, **extra)
+    try:
+        t0 = time.perf_counter()
+        out = fn()  # compiles on the first call
+        torch.cuda.synchronize()
+        row["first_call_s"] = round(time.perf_counter() - t0, 2)
+        if ref is not None:
+            row["rel_err"] = rel_err(out, ref)
+        eager_ms = time_ms(fn, rep_ms=max(20, rep_ms // 2))
+        try:
+            held = {}
+            replay = graphed(lambda: held.__setitem__("out", fn()))
+            if isinstance(out, torch.Tensor):  # poison: the replay must write every element again
+                held["out"].fill_(float("nan"))
+                replay()
+                torch.cuda.synchronize()
+                if not torch.equal(held["out"], out):
+                    row["graph_rel_diff"] = rel_err(held["out"], out.float())
+            ms, row["timing"] = time_ms(replay, rep_ms=rep_ms), "cuda_graph"
+        except Exception as exc:  # said in the row: this impl's median_ms is an eager time
+            row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            ms, row["timing"] = eager_ms, "eager"
+        row.update(median_ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, eager_ms=eager_ms)
+    except Exception as exc:  # recorded, not hidden: the row says why this impl has no time
+        row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        traceback.print_exc()
+    return row
 
 
 def save(name: str, result: dict, command: str | None = None) -> pathlib.Path:
