@@ -16,7 +16,7 @@ Attention always reads the *quantised* cache, also in prefill: the perplexity th
 every decode step sees. (vLLM computes prefill attention from the fresh, unquantised K/V and only later
 steps read the codes, so its prompt tokens lose a little less.)
 
-Block bookkeeping is :class:`labkit.paged.BlockManager`'s: batch row ``b`` is sequence ``b``.
+Block bookkeeping is :class:`labkit.paged_cache.PagedCache`'s (a :class:`labkit.paged.BlockManager` underneath).
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from kernels.paged_attention_int8kv import (
 )
 from labkit.attention import attention_ref
 from labkit.config import LlamaConfig
-from labkit.device import MODE
 from labkit.kv_cache import KVCache
-from labkit.paged import BlockManager, blocks_needed
+from labkit.paged import blocks_needed
+from labkit.paged_cache import PagedCache
 
 __all__ = ["QuantizedPagedCache", "kv_bytes_per_token", "max_concurrent_sequences", "quantise_kv_ref",
            "dequantise_kv_ref", "KV_FORMATS", "RecordingCache"]
@@ -65,42 +65,31 @@ def max_concurrent_sequences(config: LlamaConfig, pool_bytes: int, seq_len: int,
     return num_blocks // blocks_needed(seq_len, block_size)
 
 
-class QuantizedPagedCache(KVCache):
+class QuantizedPagedCache(PagedCache):
     """Paged KV cache with 1-byte codes and fp32 scales per (token, KV head).
 
     Storage per layer: ``k_cache[layer]`` (num_blocks, block_size, num_kv_heads, head_dim) int8/fp8 and
-    ``k_scale[layer]`` (num_blocks, block_size, num_kv_heads) fp32; the same for V.
+    ``k_scale[layer]`` (num_blocks, block_size, num_kv_heads) fp32; the same for V. The block bookkeeping
+    (block manager, slot mapping, block tables, views, copy-on-write) is PagedCache's.
 
     backend: "auto" uses the Triton kernels on the GPU and plain torch on the CPU; "triton" forces the
     kernels (in the interpreter on the CPU: slow, tiny models only); "torch" forces the references.
-    Sequences must grow by appending: a call's positions for row b continue where row b stopped.
     """
 
     def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16, kv_format: str = "int8",
                  device: torch.device | str = "cpu", backend: str = "auto"):
         if kv_format not in KV_FORMATS:
             raise ValueError(f"kv_format must be one of {sorted(KV_FORMATS)}, got {kv_format!r}")
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-        self.config, self.block_size, self.kv_format = config, block_size, kv_format
-        self.device = torch.device(device)
-        self.use_kernels = backend == "triton" or (backend == "auto" and MODE == "gpu" and self.device.type == "cuda")
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self._setup(config, num_blocks, block_size, device, backend)
+        self.kv_format = kv_format
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         codes = (L, num_blocks, block_size, H, D)
         qdtype = KV_FORMATS[kv_format][0]
+        self.dtype = qdtype
         self.k_cache = torch.zeros(codes, dtype=qdtype, device=self.device)
         self.v_cache = torch.zeros(codes, dtype=qdtype, device=self.device)
         self.k_scale = torch.zeros(codes[:-1], dtype=SCALE_DTYPE, device=self.device)
         self.v_scale = torch.zeros(codes[:-1], dtype=SCALE_DTYPE, device=self.device)
-        self._step = None  # (slot_mapping, block_tables, seq_lens) of the current forward, set at layer 0
-
-    @classmethod
-    def for_batch(cls, config: LlamaConfig, batch_size: int, max_len: int | None = None, **kwargs):
-        """Enough blocks for ``batch_size`` sequences of up to ``max_len`` tokens (default: the model's context)."""
-        max_len = config.max_position_embeddings if max_len is None else max_len
-        block_size = kwargs.get("block_size", 16)
-        return cls(config, num_blocks=batch_size * blocks_needed(max_len, block_size), **kwargs)
 
     # --- accounting ---------------------------------------------------------------------------
     @property
@@ -111,39 +100,12 @@ class QuantizedPagedCache(KVCache):
     def reserved_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale))
 
-    def free(self, seq_id: int) -> None:
-        """Release a finished sequence's blocks."""
-        self.block_manager.free(seq_id)
+    def _copy_block(self, src: int, dst: int) -> None:
+        super()._copy_block(src, dst)
+        self.k_scale[:, dst] = self.k_scale[:, src]
+        self.v_scale[:, dst] = self.v_scale[:, src]
 
     # --- the interface ------------------------------------------------------------------------
-    def _prepare(self, positions: torch.Tensor) -> None:
-        """Layer 0 of each forward: slots for the new tokens, then block tables and lengths for the read."""
-        bm = self.block_manager
-        B, T = positions.shape
-        pos = positions.cpu()
-        slots = []
-        for b in range(B):
-            have = bm.num_tokens(b) if b in bm.seqs else 0
-            expected = torch.arange(have, have + T)
-            if not torch.equal(pos[b], expected):
-                raise ValueError(
-                    f"row {b}: positions {pos[b].tolist()[:4]}... but the cache holds {have} tokens of sequence {b}; "
-                    "a QuantizedPagedCache only appends (positions must continue from the cached length)."
-                )
-            if b not in bm.seqs:
-                bm.allocate(b, T)
-                slots += bm.slot_mapping(b, 0, T)
-            else:
-                slots += bm.append_slots(b, T)
-        lens = [bm.num_tokens(b) for b in range(B)]
-        width = max(blocks_needed(n, self.block_size) for n in lens)
-        tables = torch.zeros(B, width, dtype=torch.int32)  # unused entries point at block 0, masked by seq_lens
-        for b in range(B):
-            table = bm.block_table(b)
-            tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
-        self._step = (torch.tensor(slots, dtype=torch.int64, device=self.device), tables.to(self.device),
-                      torch.tensor(lens, dtype=torch.int32, device=self.device))
-
     def attend(self, layer_idx, q, k, v, positions):
         B, Hkv, T, D = k.shape
         if layer_idx == 0:

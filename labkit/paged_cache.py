@@ -35,6 +35,14 @@ class PagedCache(KVCache):
 
     def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", backend: str = "auto"):
+        self._setup(config, num_blocks, block_size, device, backend)
+        self.dtype = dtype
+        shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def _setup(self, config: LlamaConfig, num_blocks: int, block_size: int, device, backend: str) -> None:
+        """What every paged cache shares: the backend choice and the block bookkeeping (storage is the subclass's)."""
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         self.device = torch.device(device)
@@ -45,17 +53,14 @@ class PagedCache(KVCache):
                 f"the paged-attention kernel needs head_dim to be a power of two >= 16, this model has {D}; "
                 "use backend='torch'."
             )
-        self.config, self.block_size, self.dtype = config, block_size, dtype
+        self.config, self.block_size = config, block_size
         self.block_manager = BlockManager(num_blocks, block_size)
-        shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, D)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self._step = None  # (slot_mapping, block_tables, seq_lens) of the current forward, set at layer 0
         self._seq_ids: list[int] | None = None  # set on a view: batch index -> sequence id
 
     def view(self, seq_ids) -> "PagedCache":
         """A cache over some sequences (sharing storage and blocks): batch row i of the next calls is seq_ids[i]."""
-        view = object.__new__(PagedCache)
+        view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view._seq_ids, view._step = [int(s) for s in seq_ids], None
         return view
@@ -82,6 +87,11 @@ class PagedCache(KVCache):
         """Release a finished sequence's blocks."""
         self.block_manager.free(seq_id)
 
+    def _copy_block(self, src: int, dst: int) -> None:
+        """Copy one physical block (every layer) for copy-on-write."""
+        self.k_cache[:, dst] = self.k_cache[:, src]
+        self.v_cache[:, dst] = self.v_cache[:, src]
+
     # --- the interface ------------------------------------------------------------------------
     def _prepare(self, positions: torch.Tensor) -> None:
         """Layer 0 of each forward: slots for the new tokens, then block tables and lengths for the read."""
@@ -99,7 +109,7 @@ class PagedCache(KVCache):
             if not torch.equal(pos[b], torch.arange(have, have + T)):
                 raise ValueError(
                     f"row {b}: positions {pos[b].tolist()[:4]}... but the cache holds {have} tokens of sequence {sid}; "
-                    "a PagedCache appends: positions must continue from the cached length (or restart at 0)."
+                    f"a {type(self).__name__} only appends: positions must continue from the cached length (or restart at 0)."
                 )
             if sid not in bm.seqs:
                 bm.allocate(sid, T)
@@ -107,8 +117,7 @@ class PagedCache(KVCache):
             else:
                 slots += bm.append_slots(sid, T)
         for src, dst in bm.take_copies():  # copy-on-write of shared blocks, before anything is written
-            self.k_cache[:, dst] = self.k_cache[:, src]
-            self.v_cache[:, dst] = self.v_cache[:, src]
+            self._copy_block(src, dst)
         lens = [bm.num_tokens(sid) for sid in ids]
         width = max(blocks_needed(n, self.block_size) for n in lens)
         tables = torch.zeros(B, width, dtype=torch.int32)  # entries past a row's blocks are never read
