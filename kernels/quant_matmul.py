@@ -29,6 +29,8 @@ Blocked algorithm (int4; int8 is the same without groups and zeros, its row scal
             x_lo, x_hi = x[groups' first / second halves]         # loaded with p's shape, hence its layout
             acc       += sum_j((p & 15) - zero) * x_lo + ((p >> 4) - zero) * x_hi) * scale
         y = sum over GROUPS of acc
+    GEMV, WORDS (fp16): the same loop over int32 words w = bytes 4i..4i+3 of a group
+        acc[BLOCK_N, GROUPS, G/8] += word_dot(w, x[4i..4i+3], x[G/2+4i..G/2+4i+3], zero) * scale
     GEMM (m > 1, tensor cores): one program per (BLOCK_M rows of x, BLOCK_N rows of W)
         for each group g:  acc += (x_lo @ ((p & 15) - zero) + x_hi @ ((p >> 4) - zero)) * scale[g]
 
@@ -42,7 +44,18 @@ Tricks, each a constexpr so the plain version stays next to it:
 - ``HALF_MATH`` (fp16 x, GEMV): dequantise and multiply in fp16 pairs, with the nibbles unpacked by
   inline PTX (``_INT4_TO_FP16_ASM``): 6.3 instead of 8.9 SASS instructions per weight in the loop
   (G = 32, compiled for sm_90 by Triton 3.9). Products are rounded to fp16 and overflow if |x| > ~2000.
-  Off by default: the recorded sweep predates it.
+  Off by default: WORDS below does the same pairs in a third fewer instructions.
+- ``WORDS`` (int4 GEMV, ``_int4_gemv_words_kernel``): the packed bytes read as int32 words, 8 weights
+  each, and fp16 x read as int64 (4 inputs each), so one inline-PTX block (``_INT4_WORD_DOT_ASM``) takes
+  a word and the 8 inputs it multiplies and returns their fp32 dot product. Inside: PRMT + LOP3 unpack
+  two codes into an fp16 pair 1024 + q (1 instruction a weight), HADD2 subtracts (1024 + zero) exactly
+  (1/2), HMUL2 / HFMA2 multiply-add pairs four deep (1/2), then two fp16 -> fp32 widenings and an FADD;
+  Triton adds one FFMA for the group's scale. Rows past n are clamped rather than masked and whole steps
+  need no group mask, because every masked load also costs a zeroing move. 3.0-3.2 SASS instructions a
+  weight in the loop (G = 32, BLOCK_N = 4, 16 or 8 words a thread; sm_90, Triton 3.9) against 8.9 for
+  the fp32 path and 6.3 for HALF_MATH. fp16 sums of 8 products: rel. error ~3e-4; x must stay below
+  ~1000. Measured on an H200 at m = 1: 1.8-2.0x fp16 cuBLAS (was 1.35x), ~1.5 TB/s: no longer bound by
+  instructions alone, so the next steps are more bytes in flight per SM, not fewer instructions.
 - ``SPLIT_K``: more programs along k, whose fp32 partial sums torch adds afterwards (an extra launch).
 """
 from __future__ import annotations
@@ -253,6 +266,141 @@ def _int4_gemv_kernel(
     tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
+# One packed int32 word of a group (bytes b0..b3: codes 4i..4i+3 in the low nibbles, G/2 + 4i.. in the high
+# ones), the eight fp16 inputs they multiply (two int64 = four fp16 pairs) and (1024 + zero) in both halves of
+# $4 -> the fp32 sum of the word's eight (q - zero) * x. Unpacking is _INT4_TO_FP16_ASM's PRMT + LOP3 (one
+# instruction a weight); the zero is subtracted exactly in fp16 pairs (HADD2, half an instruction a weight);
+# the products are summed two at a time (HMUL2 / HFMA2, half an instruction a weight), four deep, then the
+# two halves are widened to fp32 and added: 20 instructions for 8 weights, the scale's FFMA included.
+_INT4_WORD_DOT_ASM = tl.constexpr("""
+{
+.reg .b32 t0, t1, q0, q1, q2, q3, x0, x1, x2, x3, a;
+.reg .b16 h0, h1;
+.reg .f32 f0, f1;
+mov.b64 {x0, x1}, $2;
+mov.b64 {x2, x3}, $3;
+prmt.b32 t0, $1, 0, 0x4140;
+prmt.b32 t1, $1, 0, 0x4342;
+lop3.b32 q0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 q1, t1, 0x000F000F, 0x64006400, 0xEA;
+shr.b32 t0, t0, 4;
+shr.b32 t1, t1, 4;
+lop3.b32 q2, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 q3, t1, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 q0, q0, $4;
+sub.f16x2 q1, q1, $4;
+sub.f16x2 q2, q2, $4;
+sub.f16x2 q3, q3, $4;
+mul.f16x2 a, q0, x0;
+fma.rn.f16x2 a, q1, x1, a;
+fma.rn.f16x2 a, q2, x2, a;
+fma.rn.f16x2 a, q3, x3, a;
+mov.b32 {h0, h1}, a;
+cvt.f32.f16 f0, h0;
+cvt.f32.f16 f1, h1;
+add.f32 $0, f0, f1;
+}
+""")
+
+
+@triton.jit
+def _int4_words_loads(w_rows, s_rows, z_rows, g0, g_end, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                      EVEN_G: tl.constexpr):
+    """One step's weight loads: packed words [BLOCK_N, GROUPS, G/8] int32, scales and zeros [BLOCK_N, GROUPS].
+    With EVEN_G every step is whole, so nothing is masked (masked loads cost a zeroing move each)."""
+    WPG: tl.constexpr = GROUP // 8  # int32 words a group
+    g = g0 + tl.arange(0, GROUPS)  # (NG,)
+    w_ptrs = w_rows + (g * WPG)[None, :, None] + tl.arange(0, WPG)[None, None, :]  # (BN, NG, WPG)
+    if EVEN_G:
+        return tl.load(w_ptrs), tl.load(s_rows + g[None, :]), tl.load(z_rows + g[None, :])
+    else:
+        mask_g = (g < g_end)[None, :]  # (1, NG)
+        return (tl.load(w_ptrs, mask=mask_g[:, :, None]), tl.load(s_rows + g[None, :], mask=mask_g),
+                tl.load(z_rows + g[None, :], mask=mask_g))
+
+
+@triton.jit
+def _int4_words_dot(p, z, x_row, g0, g_end, K, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                    USE_ASM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_G: tl.constexpr):
+    """(BN, NG, G/8) fp32: for every packed word, the sum of its eight (q - zero) * x (not yet scaled)."""
+    WPG: tl.constexpr = GROUP // 8
+    g = g0 + tl.arange(0, GROUPS)
+    i = tl.arange(0, WPG)
+    valid = (g < g_end)[None, :, None]  # (1, NG, 1)
+    if USE_ASM:  # x as int64, four fp16 inputs each: word i of group g needs x64[g*G/4 + i] and x64[g*G/4 + G/8 + i]
+        x64 = x_row.to(tl.pointer_type(tl.int64))
+        idx = (g * (GROUP // 4))[None, :, None] + i[None, None, :]  # (1, NG, WPG)
+        if EVEN_G:  # (BN, NG, WPG): the pointers have p's shape, so x gets p's layout
+            x_lo, x_hi = tl.load(x64 + idx), tl.load(x64 + idx + WPG)
+        else:
+            x_lo, x_hi = tl.load(x64 + idx, mask=valid), tl.load(x64 + idx + WPG, mask=valid)
+        zz = (z.to(tl.int32) | 0x6400) * 0x10001  # fp16 pair (1024 + zero, 1024 + zero)
+        return tl.inline_asm_elementwise(_INT4_WORD_DOT_ASM, "=r,r,l,l,r", [p, x_lo, x_hi, zz[:, :, None]],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the same sums one nibble at a time, in fp32 (the interpreter; bf16 and fp32 inputs)
+        zf = z.to(tl.float32)[:, :, None]
+        k_lo = (g * GROUP)[None, :, None] + 4 * i[None, None, :]  # (1, NG, WPG): input of byte 0's low nibble
+        part = tl.zeros(p.shape, tl.float32)
+        for b in tl.static_range(4):  # byte b of the word: codes 4i + b (low nibble) and G/2 + 4i + b (high)
+            lo = ((p >> (8 * b)) & 15).to(tl.float32)
+            hi = ((p >> (8 * b + 4)) & 15).to(tl.float32)
+            if EVEN_K:
+                x_lo = tl.load(x_row + k_lo + b, mask=valid)
+                x_hi = tl.load(x_row + k_lo + GROUP // 2 + b, mask=valid)
+            else:  # inputs past K (the zero padding of the last group) must read as 0
+                x_lo = tl.load(x_row + k_lo + b, mask=valid & (k_lo + b < K), other=0.0)
+                x_hi = tl.load(x_row + k_lo + GROUP // 2 + b, mask=valid & (k_lo + GROUP // 2 + b < K), other=0.0)
+            part += (lo - zf) * x_lo.to(tl.float32) + (hi - zf) * x_hi.to(tl.float32)
+        return part
+
+
+@triton.jit
+def _int4_gemv_words_kernel(
+    x_ptr,  # [M, K] fp16 / bf16 / fp32, unit stride along K (USE_ASM: fp16, K == KP, rows 8-byte aligned)
+    w_ptr,  # [N, KP // 8] int32: the packed bytes of the layout above, read four at a time, row stride stride_wn
+    s_ptr,  # [N, KP // GROUP] scales
+    z_ptr,  # [N, KP // GROUP] uint8 zero points 0..15
+    y_ptr,  # [M, N] x's dtype, or [SPLIT_K, M, N] fp32 partial sums
+    M, N, K, KP,
+    stride_xm, stride_wn, stride_ym, stride_ys,
+    SPLIT_LEN,  # groups each split (program_id 2) covers, a multiple of GROUPS
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr,  # groups per row and step
+    PREFETCH: tl.constexpr,  # issue the next step's weight loads before this step's arithmetic
+    USE_ASM: tl.constexpr,  # fp16 x on the GPU: one inline-PTX block per word (_INT4_WORD_DOT_ASM)
+    EVEN_K: tl.constexpr = False,  # K == KP: no zero padding to mask
+    EVEN_G: tl.constexpr = False,  # every split holds a whole number of steps: no loads masked
+):
+    # As _int4_gemv_kernel, but the tile is [BLOCK_N, GROUPS, G/8] int32 words, each word 8 weights. Rows past
+    # N read row N - 1 (in bounds, never stored), so no load needs a row mask.
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    rows = tl.minimum(offs_n, N - 1)
+    num_groups = KP // GROUP
+    w_rows = w_ptr + rows[:, None, None] * stride_wn  # (BN, 1, 1)
+    x_row = x_ptr + m * stride_xm + rows[:, None, None] * 0  # (BN, 1, 1), all the same row of x
+    s_rows = s_ptr + rows[:, None] * num_groups  # (BN, 1)
+    z_rows = z_ptr + rows[:, None] * num_groups
+    acc = tl.zeros((BLOCK_N, GROUPS, GROUP // 8), tl.float32)
+    g_start = tl.program_id(2) * SPLIT_LEN
+    g_end = tl.minimum(g_start + SPLIT_LEN, num_groups)
+    p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g_start, g_end, GROUP, GROUPS, EVEN_G)
+    for g0 in range(g_start, g_end, GROUPS):
+        if PREFETCH:  # the step after the last wraps round to the first (unmasked loads stay in bounds)
+            g_next = tl.where(g0 + GROUPS < g_end, g0 + GROUPS, g_start)
+            p_n, s_n, z_n = _int4_words_loads(w_rows, s_rows, z_rows, g_next, g_end, GROUP, GROUPS, EVEN_G)
+        part = _int4_words_dot(p, z, x_row, g0, g_end, K, GROUP, GROUPS, USE_ASM, EVEN_K, EVEN_G)
+        acc += part * s.to(tl.float32)[:, :, None]  # the group's scale, once per word
+        if PREFETCH:
+            p, s, z = p_n, s_n, z_n
+        else:
+            p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g0 + GROUPS, g_end, GROUP, GROUPS, EVEN_G)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
+    tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
+             mask=offs_n < N)
+
+
 @triton.jit
 def _int8_gemm_kernel(
     x_ptr,  # [M, K] fp16 / bf16 / fp32, unit stride along K
@@ -396,14 +544,16 @@ def _check_int4(x, qweight, scales, zeros, group_size):
 def default_config(kind: str, m: int, n: int, k: int, group_size: int | None = None) -> dict:
     """Block sizes for an H100/H200: the winners of the sweep in data/bench/quant_matmul.json.
 
-    m = 1 (decode): the GEMV path, 4 rows of W per program and 256-512 bytes of each row per step, so
-    n / 4 programs (>= 1024 for Llama's shapes) keep enough loads in flight. m > 1: tensor cores; a
+    m = 1 (decode): the GEMV path, 4 rows of W per program, so n / 4 programs (>= 1024 for Llama's shapes)
+    keep enough loads in flight; int4 reads 1 KB of each row per step as int32 words (``WORDS``). m > 1: tensor cores; a
     BLOCK_N of 32 keeps n / 32 programs busy, and int4 steps two groups at a time.
     """
     if m <= GEMV_MAX_M:
         if kind == "int8":
             return dict(path="gemv", BLOCK_N=4, BLOCK_K=512, MAGIC=True, PREFETCH=True, num_warps=4)
-        return dict(path="gemv", BLOCK_N=4, GROUPS=max(1, 512 // group_size), MAGIC=True, PREFETCH=True, num_warps=2)
+        # int32 words and one PTX block a word (WORDS): its fast path needs fp16 x, see _default_for
+        return dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=max(1, 2048 // group_size), PREFETCH=True,
+                    num_warps=4)
     block_m = 16 if m <= 16 else 64
     if kind == "int8":
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
@@ -432,6 +582,8 @@ def _default_for(kind: str, x: torch.Tensor, n: int, group_size: int | None = No
     fp16 ones, and four stages of int8's GEMM tile overflow shared memory (253,952 of 232,448 bytes on an H200)."""
     m, k = x.shape
     cfg = default_config(kind, m, n, k, group_size)
+    if cfg.get("WORDS") and x.dtype != torch.float16:  # the word kernel does fp16 pairs; bf16 / fp32: fp32 maths
+        cfg = dict(path="gemv", BLOCK_N=4, GROUPS=max(1, 512 // group_size), MAGIC=True, PREFETCH=True, num_warps=2)
     if x.dtype == torch.float32 and cfg["path"] == "gemm":
         cfg["num_stages"] = min(cfg.get("num_stages", 2), 2)
     return cfg
@@ -500,7 +652,18 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     split_k = cfg.get("SPLIT_K", 1)
     out, stride_ys = _outputs(x, n, split_k)
     opts = _launch_options(cfg)
-    if cfg["path"] == "gemv":  # one program per (BLOCK_N rows of W, row of x, split)
+    if cfg["path"] == "gemv" and cfg.get("WORDS", False):  # int32 words, one PTX block a word on fp16 inputs
+        use_asm = x.dtype == torch.float16 and not INTERPRETER
+        if use_asm and (k != kp or x.stride(0) % 4 or x.data_ptr() % 8):
+            x = torch.nn.functional.pad(x, (0, kp - k))  # x is read as int64 (4 inputs): whole groups, 8-byte rows
+        words = qweight.view(torch.int32)  # (N, KP // 8): four packed bytes a word
+        split_len = _split(kp // group_size, split_k, cfg["GROUPS"])
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)
+        _int4_gemv_words_kernel[grid](x, words, scales, zeros, out, m, n, k, kp, x.stride(0), words.stride(0), n,
+                                      stride_ys, split_len, GROUP=group_size, BLOCK_N=cfg["BLOCK_N"],
+                                      GROUPS=cfg["GROUPS"], PREFETCH=cfg.get("PREFETCH", True), USE_ASM=use_asm,
+                                      EVEN_K=k == kp, EVEN_G=split_len * split_k == kp // group_size, **opts)
+    elif cfg["path"] == "gemv":  # one program per (BLOCK_N rows of W, row of x, split)
         half_math = cfg.get("HALF_MATH", False) and x.dtype == torch.float16
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)
         _int4_gemv_kernel[grid](x, qweight, scales, zeros, out, m, n, k, kp, x.stride(0), qweight.stride(0), n,

@@ -114,8 +114,10 @@ CASES = [(1, 24, 128), (3, 40, 100), (17, 24, 64)]  # (m, n, k): GEMV sizes, rag
 def test_int4_kernels_match_reference(dtype, group, m, n, k):
     x, qweight, scales, zeros = _int4_problem(torch.Generator().manual_seed(m * n + k), m, n, k, group, dtype)
     ref = int4_matmul_ref(x, qweight, scales, zeros, group)
-    # GEMV (fp32 maths; fp16-pair maths, inline PTX on the GPU), GEMV split over k, GEMM, and the default
+    # GEMV (fp32 maths; fp16-pair maths, inline PTX on the GPU), GEMV split over k, the word-at-a-time GEMV
+    # (one PTX block a word on the GPU for fp16; whole steps and a split), GEMM, and the default
     for cfg in (gemv(GROUPS=2), gemv(GROUPS=2, HALF_MATH=True), gemv(GROUPS=1, MAGIC=False, PREFETCH=False, SPLIT_K=3),
+                gemv(WORDS=True, GROUPS=2), gemv(WORDS=True, BLOCK_N=4, GROUPS=1, PREFETCH=False, SPLIT_K=2),
                 gemm(SPLIT_K=2), gemm(GROUPS=2), None):
         out = int4_matmul(x, qweight, scales, zeros, group, config=cfg)
         assert out.shape == (m, n) and out.dtype == dtype
@@ -135,6 +137,36 @@ def test_int8_kernels_match_reference(dtype, m, n, k):
         out = int8_matmul(x, qweight, scales, config=cfg)
         assert out.shape == (m, n) and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], f"{cfg}: {rel_err(out, ref):.2e}"
+
+
+def test_int4_word_gemv_unpacks_every_nibble_in_place():
+    # one row, codes 0..15 twice over in each group: any mix-up of bytes, nibbles or halves moves the result
+    for g in (32, 64, 128):
+        codes = (torch.arange(4 * g) % 16).to(torch.uint8).reshape(1, 4 * g)
+        scales, zeros = torch.ones(1, 4, dtype=torch.float16), torch.tensor([[0, 3, 8, 15]], dtype=torch.uint8)
+        x = torch.linspace(-1, 1, 4 * g).reshape(1, 4 * g).to(torch.float16)
+        qweight = pack_int4(codes, g)
+        args = [t.to(DEVICE) for t in (x, qweight, scales, zeros)]
+        ref = int4_matmul_ref(*args, g)
+        for groups in (1, 4):  # masked last steps, then whole steps (no masks)
+            out = int4_matmul(*args, g, config=dict(path="gemv", WORDS=True, BLOCK_N=2, GROUPS=groups, num_warps=1))
+            assert rel_err(out, ref) < TOL[torch.float16], (g, groups)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336)])
+def test_int4_word_gemv_on_llama_shapes(n, k):
+    # fp16 sums of eight products inside each word: must stay well inside fp16's tolerance at k = 14336
+    gen = torch.Generator(device="cuda").manual_seed(k)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()
+    x = torch.randn(1, k, device="cuda", generator=gen).half()
+    for scheme in ("int4_g32", "int4_g128"):
+        qt = quantize_tensor(w, scheme)
+        ref = x.float() @ dequantize(qt, torch.float32).T
+        for cfg in (None, dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=4, PREFETCH=True, num_warps=2, SPLIT_K=2)):
+            out = int4_matmul(x, qt.qweight, qt.scales, qt.zeros, qt.scheme.group_size, config=cfg)
+            assert rel_err(out, ref) < 1e-2, (scheme, cfg)
 
 
 def test_int4_kernel_group_128_and_strided_x():

@@ -44,10 +44,13 @@ GROUPS = (32, 64, 128)
 # Candidate configs per batch size (the sweep); each one is a compile on the GPU machine, so the lists stay
 # short. GEMV: (BLOCK_N, bytes of a W row per step, warps, PREFETCH); one program per row of x, so at
 # m = 4 the four programs of an n-block share its weight tile through L2. (HALF_MATH, the fp16-pair
-# variant of the int4 GEMV, is not in this list: it came after the recorded sweep.) GEMM (tensor cores; int4 steps
+# variant of the int4 GEMV, is not in this list: WORDS, the word-at-a-time PTX GEMV, supersedes it.)
+# _WORDS (int4, m = 1): (BLOCK_N, bytes of a W row per step, warps, SPLIT_K). GEMM (tensor cores; int4 steps
 # GROUPS groups at a time, int8 steps BLOCK_K = 128 * GROUPS): (BLOCK_M, BLOCK_N, GROUPS, warps, stages).
 _GEMV = [(8, 256, 4, True), (8, 256, 4, False), (4, 256, 2, True), (16, 256, 4, True), (8, 512, 4, True),
          (16, 128, 2, True), (4, 512, 4, True), (32, 256, 8, True)]
+_WORDS = [(4, 1024, 2, 1), (4, 512, 2, 1), (8, 512, 2, 1), (2, 1024, 1, 1), (4, 1024, 4, 1), (8, 1024, 4, 1),
+          (4, 2048, 4, 1), (8, 256, 1, 1), (4, 1024, 2, 2), (4, 512, 1, 2)]
 _GEMM = {1: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 16, 2, 2, 4), (16, 32, 4, 4, 3),
              (16, 64, 1, 4, 5), (16, 128, 1, 4, 4)],
          16: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 3)],
@@ -62,6 +65,11 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int | None = Non
             cfg = dict(path="gemv", BLOCK_N=bn, MAGIC=True, PREFETCH=prefetch, num_warps=warps)
             cfg.update(dict(BLOCK_K=nbytes) if kind == "int8" else dict(GROUPS=max(1, nbytes // (group // 2))))
             cands.append(cfg)
+    if m == 1 and kind == "int4":
+        for bn, nbytes, warps, split_k in _WORDS:
+            cfg = dict(path="gemv", WORDS=True, BLOCK_N=bn, GROUPS=max(1, nbytes // (group // 2)), PREFETCH=True,
+                       num_warps=warps)
+            cands.append(cfg if split_k == 1 else {**cfg, "SPLIT_K": split_k})
     for bm, bn, groups, warps, stages in _GEMM[1 if m <= 4 else (16 if m <= 16 else 64)]:
         cfg = dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         cfg.update(dict(BLOCK_K=128 * groups) if kind == "int8" else dict(GROUPS=groups))
