@@ -56,19 +56,12 @@ def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_model_for_timing():
-    """The shipped model (data/model/) if it is there, else a random-weight model of the default shape.
-
-    Prefill time depends on the shapes, not the weights, so timing either gives the same cost model.
+    """The shipped model (data/model/), whose prefills are timed to calibrate the cost model.
     Returns (model, description)."""
-    from labkit.config import LlamaConfig
-    from labkit.model import LlamaForCausalLM, load_default_model
+    from labkit.model import load_default_model
 
-    try:
-        model, _ = load_default_model()
-        return model.eval(), "the shipped model (data/model)"
-    except FileNotFoundError:
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig()).eval(), "a random-weight model of the shipped shape (data/model missing)"
+    model, _ = load_default_model()
+    return model.eval(), "the shipped model (data/model)"
 
 
 def calibrate(model, lengths=(8, 24, 48, 96), repeats: int = 5) -> tuple[PrefillCostModel, float]:
