@@ -1,6 +1,6 @@
 """What does weight quantisation cost in quality? One table: held-out perplexity and a greedy sample.
 
-    python -m labkit.quality [--max-tokens 16384] [--sample-tokens 32] [--random-model]
+    python -m labkit.quality [--max-tokens 16384] [--sample-tokens 32]
 
 Every variant is the shipped model (``labkit.model.load_default_model()``) with its linears stored
 another way; the embedding, the norms and the (tied) lm_head stay in fp32, as weight-only schemes
@@ -48,16 +48,6 @@ def make_variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     return quantize_model(m, variant, skip=("lm_head",), pad=True)
 
 
-def random_model():
-    """A randomly initialised model with the shipped architecture and tokenizer (for development only)."""
-    from labkit.checkpoint import DEFAULT_MODEL_DIR, Tokenizer
-    from labkit.model import LlamaForCausalLM
-    from labkit.train import DEFAULT_CONFIG
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(DEFAULT_CONFIG).eval(), Tokenizer(DEFAULT_MODEL_DIR / "tokenizer.json")
-
-
 def quality_table(model, tokenizer, variants=VARIANTS, max_tokens: int = DEFAULT_MAX_TOKENS,
                   sample_tokens: int = 32, prompt: str = PROMPT) -> list[dict]:
     """One row per variant: perplexity, its change against the first variant, linear bytes, greedy sample."""
@@ -96,18 +86,13 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"score the first N held-out tokens (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--sample-tokens", type=int, default=32)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--random-model", action="store_true", help="a random model (before data/model/ exists)")
     parser.add_argument("--device", default="cpu", help="cpu (plain-torch dequantisation) or cuda (Triton kernels)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if args.random_model:
-        model, tokenizer = random_model()
-        source = "RANDOM model (untrained): the numbers mean nothing about quantisation quality"
-    else:
-        from labkit.model import load_default_model
+    from labkit.model import load_default_model
 
-        model, tokenizer = load_default_model()
-        source = "shipped model data/model/"
+    model, tokenizer = load_default_model()
+    source = "shipped model data/model/"
     model = model.to(args.device)
     rows = quality_table(model, tokenizer, args.variants, args.max_tokens, args.sample_tokens)
     print(f"{source}; perplexity over the first {rows[0]['tokens_scored']:,} held-out tokens; "
