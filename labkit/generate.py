@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from labkit.kv_cache import KVCache
+from labkit.sampling import SamplingParams, sample
 
 
 @dataclasses.dataclass
@@ -31,22 +32,9 @@ class Generation:
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> int:
-    """Pick the next token from one row of logits (vocab,). temperature 0 means greedy (argmax)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None:
-        sorted_p, order = torch.sort(probs, descending=True)
-        drop = sorted_p.cumsum(0) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
-        sorted_p[drop] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    """Pick the next token from one row of logits (vocab,). temperature 0 means greedy (argmax);
+    top_k 0/-1/None and top_p 1/None are off, as in Hugging Face. See :mod:`labkit.sampling`."""
+    return sample(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), generator)
 
 
 @torch.no_grad()
