@@ -136,13 +136,17 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_indices: torch.Tensor | None = None,
+                validate: bool = True) -> torch.Tensor:
+        """``logits_indices``: token positions (along T) whose logits are wanted; the LM head runs on those
+        rows only (the engine's last token of each sequence). ``validate=False`` skips the context check,
+        which reads ``positions`` back to the host (a sync the engine, having checked lengths, avoids)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if int(positions.max()) >= self.config.max_position_embeddings:
+        if validate and int(positions.max()) >= self.config.max_position_embeddings:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the model's context of "
                 f"{self.config.max_position_embeddings} tokens; shorten the prompt or the generation."
@@ -152,6 +156,8 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, positions, cache, i)
+        if logits_indices is not None:
+            h = h[:, logits_indices]  # (B, K, hidden)
         return self.lm_head(self.model.norm(h))
 
     @property

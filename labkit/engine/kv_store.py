@@ -1,0 +1,155 @@
+"""The paged KV store the engine's model runner drives: K/V in blocks, read through per-step metadata.
+
+    k_cache[layer]: (num_blocks, block_size, num_kv_heads, head_dim)    (vLLM's layout; v_cache the same)
+
+The runner packs every scheduled sequence's new tokens into one row ``(1, num_tokens)`` and sets
+:class:`AttentionMetadata` *before* the forward; each layer's ``attend`` then only writes the new K/V
+at ``slot_mapping`` and reads through ``block_tables``. Nothing here allocates a block or reads a value
+back to the host, so a decode step can be captured in a CUDA graph.
+
+    decode-only step (one query per sequence)  kernels/paged_attention.py        (Triton, GPU)
+    anything else (prefill chunks + decodes)   kernels/prefill_attention.py      (Triton, GPU)
+    CPU                                        gather the blocks, plain-torch attention (labkit.attention)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kernels.cache_write import cache_write, cache_write_ref
+from labkit.attention import attention_ref
+from labkit.config import LlamaConfig
+from labkit.kv_cache import KVCache
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what each query reads. Built on the host before the forward."""
+
+    slot_mapping: torch.Tensor  # (num_tokens,) int64: cache slot of each new token (-1: padding, skip)
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) int32
+    seq_lens: torch.Tensor  # (num_seqs,) int32: tokens in the cache after this step
+    cu_seqlens_q: torch.Tensor  # (num_seqs + 1,) int32: packed query rows of each sequence
+    max_query_len: int  # a host int, so no kernel launch has to read it back
+    decode_only: bool
+    # plain-torch path: packed token -> (sequence, row) of a padded batch
+    q_index: torch.Tensor | None = None  # (num_seqs, max_query_len) int64 into the packed tokens
+    q_valid: torch.Tensor | None = None  # (num_seqs, max_query_len) bool
+    q_pos: torch.Tensor | None = None  # (num_seqs, max_query_len) int64 positions
+
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slots: list[int],
+              device, with_torch_path: bool) -> "AttentionMetadata":
+        width = max(1, max(len(t) for t in block_tables))
+        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)  # entries past a row's blocks: unread
+        for i, t in enumerate(block_tables):
+            tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        q_lens = torch.tensor(query_lens, dtype=torch.int32)
+        cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(q_lens, 0)
+        max_q = max(query_lens)
+        meta = cls(torch.tensor(slots, dtype=torch.int64), tables, torch.tensor(seq_lens, dtype=torch.int32), cu,
+                   max_q, max_q == 1)
+        if with_torch_path:
+            rows = torch.arange(max_q)
+            meta.q_valid = rows[None, :] < q_lens[:, None].long()  # (S, max_q)
+            meta.q_index = torch.where(meta.q_valid, cu[:-1, None].long() + rows[None, :], 0)
+            start = torch.tensor(seq_lens, dtype=torch.int64) - q_lens.long()
+            meta.q_pos = torch.where(meta.q_valid, start[:, None] + rows[None, :], 0)
+        return meta.to(device)
+
+    def to(self, device) -> "AttentionMetadata":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return dataclasses.replace(self, slot_mapping=move(self.slot_mapping), block_tables=move(self.block_tables),
+                                   seq_lens=move(self.seq_lens), cu_seqlens_q=move(self.cu_seqlens_q),
+                                   q_index=move(self.q_index), q_valid=move(self.q_valid), q_pos=move(self.q_pos))
+
+
+class PagedKVStore(KVCache):
+    """K/V of every layer in blocks; ``metadata`` is set by the runner before each forward."""
+
+    def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", use_kernels: bool = False):
+        if not dtype.is_floating_point:
+            raise ValueError(f"the KV store holds floating-point K/V, got {dtype}; for int8/fp8 K/V use "
+                             "kv_cache_dtype='int8' or 'fp8' in EngineConfig")
+        D = config.head_dim
+        if use_kernels and (D < 16 or D & (D - 1)):
+            raise ValueError(f"the Triton attention kernels need head_dim a power of two >= 16, this model has {D}; "
+                             "use attention_backend='torch'")
+        self.config, self.block_size, self.dtype = config, block_size, dtype
+        self.device, self.use_kernels = torch.device(device), use_kernels
+        shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, D)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.metadata: AttentionMetadata | None = None
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of one block, every layer."""
+        return 2 * self.k_cache[:, 0].numel() * self.k_cache.element_size()
+
+    # ---- block moves (before the forward) ------------------------------------------------------
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block dst gets block src's K/V (every layer)."""
+        if pairs:
+            src = torch.tensor([s for s, _ in pairs], device=self.device)
+            dst = torch.tensor([d for _, d in pairs], device=self.device)
+            self.k_cache[:, dst] = self.k_cache[:, src]
+            self.v_cache[:, dst] = self.v_cache[:, src]
+
+    def swap_out(self, pairs: list[tuple[int, int]], cpu_k: torch.Tensor, cpu_v: torch.Tensor) -> None:
+        """Device blocks -> swap space (pairs of (device, cpu) block ids)."""
+        if pairs:
+            dev = torch.tensor([d for d, _ in pairs], device=self.device)
+            cpu = torch.tensor([c for _, c in pairs])
+            cpu_k[:, cpu] = self.k_cache[:, dev].cpu()
+            cpu_v[:, cpu] = self.v_cache[:, dev].cpu()
+
+    def swap_in(self, pairs: list[tuple[int, int]], cpu_k: torch.Tensor, cpu_v: torch.Tensor) -> None:
+        """Swap space -> device blocks (pairs of (cpu, device) block ids)."""
+        if pairs:
+            cpu = torch.tensor([c for c, _ in pairs])
+            dev = torch.tensor([d for _, d in pairs], device=self.device)
+            self.k_cache[:, dev] = cpu_k[:, cpu].to(self.device, non_blocking=True)
+            self.v_cache[:, dev] = cpu_v[:, cpu].to(self.device, non_blocking=True)
+
+    # ---- the interface the model calls ---------------------------------------------------------
+    def attend(self, layer_idx, q, k, v, positions):
+        meta = self.metadata
+        if meta is None:
+            raise RuntimeError("PagedKVStore.attend before the runner set its metadata")
+        if q.shape[0] != 1:
+            raise ValueError(f"the engine packs a step's tokens into one row, got a batch of {q.shape[0]}")
+        k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
+        k_new = k[0].transpose(0, 1).to(self.dtype)  # (N, Hkv, D) token-major
+        v_new = v[0].transpose(0, 1).to(self.dtype)
+        (cache_write if self.use_kernels else cache_write_ref)(k_new, v_new, k_cache, v_cache, meta.slot_mapping)
+        q_t = q[0].transpose(0, 1)  # (N, Hq, D)
+        if self.use_kernels:
+            q_t = q_t.to(self.dtype).contiguous()
+            if meta.decode_only:
+                from kernels.paged_attention import paged_attention
+
+                out = paged_attention(q_t, k_cache, v_cache, meta.block_tables, meta.seq_lens)
+            else:
+                from kernels.prefill_attention import paged_prefill_attention
+
+                out = paged_prefill_attention(q_t, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                              meta.seq_lens, max_query_len=meta.max_query_len)
+            return out.transpose(0, 1)[None].to(q.dtype)  # (1, Hq, N, D)
+        return self._attend_torch(q_t, k_cache, v_cache, meta).transpose(0, 1)[None]
+
+    def _attend_torch(self, q_t, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Pad the packed queries into (S, Hq, max_q, D), gather each sequence's blocks, plain torch."""
+        S, width = meta.block_tables.shape
+        blocks = meta.block_tables.long()
+        span = width * self.block_size
+        keys = k_cache[blocks].flatten(1, 2).transpose(1, 2).to(q_t.dtype)  # (S, Hkv, span, D)
+        values = v_cache[blocks].flatten(1, 2).transpose(1, 2).to(q_t.dtype)
+        k_pos = torch.arange(span, device=q_t.device).expand(S, span)
+        k_valid = k_pos < meta.seq_lens.long()[:, None]
+        q_pad = q_t[meta.q_index].transpose(1, 2)  # (S, Hq, max_q, D)
+        out = attention_ref(q_pad, keys, values, meta.q_pos, k_pos, k_valid)  # (S, Hq, max_q, D)
+        return out.transpose(1, 2)[meta.q_valid]  # (N, Hq, D): valid rows in packed order
