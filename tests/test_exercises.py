@@ -39,3 +39,22 @@ def test_unattempted_exercise_does_not_raise(monkeypatch, capsys):
     assert "not attempted" in capsys.readouterr().out
     monkeypatch.setenv("LABKIT_SOLUTIONS", "1")
     assert check(f"{nb}.{name}", stub) is True
+
+
+def test_engine_step_exercise_catches_a_loop_that_drops_the_tokens():
+    """nb11: a step that schedules and runs but never post-processes cannot finish any request."""
+    ex = importlib.import_module("labkit.exercises.nb11").EXERCISES["engine_step"]
+
+    def forgets_postprocess(scheduler, runner, now):
+        return runner.execute(scheduler.schedule())
+
+    with pytest.raises(AssertionError, match="did not finish"):
+        run_trials(forgets_postprocess, ex)
+
+    def samples_the_wrong_token(scheduler, runner, now):
+        out = scheduler.schedule()
+        tokens = {k: (v + 1) % 61 for k, v in runner.execute(out).items()}
+        return scheduler.postprocess(out, tokens, now)
+
+    ok, msg = run_trials(samples_the_wrong_token, ex)
+    assert not ok and "tokens" in msg
