@@ -264,3 +264,25 @@ def test_engine_on_gpu_kernels_and_cuda_graphs(dtype):
         agree += sum(a == b for a, b in zip(got, ref))
         total += len(ref)
     assert agree / total >= (0.99 if dtype == torch.float32 else 0.8), f"{agree}/{total} tokens agree with generate()"
+
+
+@pytest.mark.timeout(400)
+def test_engine_through_the_triton_kernels_in_the_interpreter():
+    """The kernel path of the runner (cache write, prefill and decode attention) on a tiny model, on the CPU."""
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    tiny = LlamaForCausalLM(cfg).eval()
+    for p in tiny.parameters():
+        p.data.normal_(0, 0.5)
+    engine_cfg = EngineConfig(num_blocks=16, block_size=4, max_num_batched_tokens=6, attention_backend="triton",
+                              enable_prefix_caching=True)
+    engine = make_engine(tiny, engine_cfg)
+    assert engine.runner.store.use_kernels
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 10], [11, 12]]
+    params = SamplingParams(max_tokens=4)
+    seqs = run_all(engine, [(p, params) for p in prompts])
+    assert seqs[1].num_cached_tokens == 8
+    for s, p in zip(seqs, prompts):
+        assert s.output_token_ids == reference(tiny, p, params)
+    assert_pool_whole(engine)

@@ -209,17 +209,20 @@ def decode_rows(model, args, device, copy_gbps: float | None) -> list[dict]:
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for graphs in (True, False):
-            blocks = batch * -(-(args.context + args.steps + 8) // 16) + 16
+            blocks = batch * -(-(args.context + args.steps + batch * args.context // 8192 + 32) // 16) + 16
             cfg = EngineConfig(num_blocks=blocks, block_size=16, max_num_seqs=max(batch, 1),
                                max_num_batched_tokens=max(8192, args.context), enforce_eager=not graphs)
             engine = LLMEngine(model, cfg, eos_token_ids=())
             gen = torch.Generator().manual_seed(batch)
+            # long enough that nobody finishes while timed: the batch (and so the graph bucket) stays the same
+            budget = args.steps + batch * args.context // cfg.max_num_batched_tokens + 16
             for _ in range(batch):
                 prompt = torch.randint(0, c.vocab_size, (args.context,), generator=gen).tolist()
-                engine.add_request(prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True))
+                engine.add_request(prompt, SamplingParams(max_tokens=budget, ignore_eos=True))
+            engine.runner.capture_all(batch)  # captured before timing, as a server does at startup
             while any(s.num_output_tokens == 0 for s in engine.requests.values()):
                 engine.step()  # prefill everyone
-            engine.step()  # the first decode step captures this bucket's graph
+            engine.step()
             sync(device)
             times = []
             for _ in range(args.steps):

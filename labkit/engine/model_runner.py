@@ -141,10 +141,12 @@ class ModelRunner:
                "positions": torch.zeros(bucket, dtype=torch.int64, device=dev),
                "slots": torch.full((bucket,), -1, dtype=torch.int64, device=dev),
                "seq_lens": torch.ones(bucket, dtype=torch.int32, device=dev),
-               "tables": torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=dev)}
-        meta = AttentionMetadata(buf["slots"], buf["tables"], buf["seq_lens"],
-                                 torch.arange(bucket + 1, dtype=torch.int32, device=dev), 1, True)
-        rows = torch.arange(bucket, device=dev)
+               "tables": torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+               # every tensor the graph reads must outlive it: the replay reads these addresses, not the names
+               "cu_seqlens_q": torch.arange(bucket + 1, dtype=torch.int32, device=dev),
+               "rows": torch.arange(bucket, device=dev)}
+        meta = AttentionMetadata(buf["slots"], buf["tables"], buf["seq_lens"], buf["cu_seqlens_q"], 1, True)
+        rows = buf["rows"]
 
         def forward():
             self.store.metadata = meta
