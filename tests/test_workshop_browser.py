@@ -15,7 +15,11 @@ import pytest
 
 from labkit.workshop import build, timings
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# Per cell. 00's and 02's cells take seconds; under load the headless client has been seen to sit idle until
+# its per-cell timeout before it read a reply that had arrived (notebooks/INSTRUCTOR.md, "stalls"), so a
+# short timeout bounds what such a stall costs here.
+CELL_TIMEOUT_S = 120
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -36,8 +40,8 @@ def site(tmp_path_factory):
         pytest.skip(f"make slides needs reveal.js: no npm to fetch it and no {build.REVEAL_TARBALL}")
     root = tmp_path_factory.mktemp("site")
     paths = timings.notebook_paths(NOTEBOOKS)
-    build.build_slides(paths, root / "slides")
-    build.build_book(paths, root / "book")
+    build.build_slides(paths, root / "slides", timeout=CELL_TIMEOUT_S)
+    build.build_book(paths, root / "book", timeout=CELL_TIMEOUT_S)
     return {"slides": root / "slides", "book": root / "book"}
 
 

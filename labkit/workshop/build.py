@@ -219,7 +219,7 @@ def _page(title: str, body: str) -> str:
             f'<body>\n{body}\n</body></html>\n')
 
 
-def build_slides(paths: list[Path], out: Path, force: bool = False) -> list[Path]:
+def build_slides(paths: list[Path], out: Path, force: bool = False, timeout: int = 600) -> list[Path]:
     from nbconvert import SlidesExporter
 
     from labkit.workshop.slides import tag
@@ -230,7 +230,7 @@ def build_slides(paths: list[Path], out: Path, force: bool = False) -> list[Path
                               reveal_number="c/t", reveal_width="1280", reveal_height="800")
     written, entries = [], []
     for path in paths:
-        nb = staticise(execute(path, force))
+        nb = staticise(execute(path, force, timeout))
         tag(nb)  # a notebook not yet tagged in the repository still gets a deck by the same rules
         title, _ = _title_and_objectives(nb)
         body, _ = exporter.from_notebook_node(nb, resources={"labkit": {"vendor": "vendor"}})
@@ -246,7 +246,7 @@ def build_slides(paths: list[Path], out: Path, force: bool = False) -> list[Path
     return written
 
 
-def build_book(paths: list[Path], out: Path, force: bool = False) -> list[Path]:
+def build_book(paths: list[Path], out: Path, force: bool = False, timeout: int = 600) -> list[Path]:
     from nbconvert import HTMLExporter
 
     vendor(out, reveal=False)
@@ -254,7 +254,7 @@ def build_book(paths: list[Path], out: Path, force: bool = False) -> list[Path]:
     written, sections = [], []
     names = [f"{p.stem}.html" for p in paths]
     for i, path in enumerate(paths):
-        nb = staticise(execute(path, force), drop_notes=True)
+        nb = staticise(execute(path, force, timeout), drop_notes=True)
         title, objectives = _title_and_objectives(nb)
         links = ['<a href="index.html">&#8962; contents</a>']
         if i > 0:
