@@ -32,7 +32,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from labkit.workshop.timings import NOTEBOOKS, ROOT, kernel_env, notebook_paths
+from labkit.workshop.timings import NOTEBOOKS, ROOT, kernel_env, notebook_paths, wake_every_second
 
 BUILD = ROOT / "build"
 EXECUTED = BUILD / "executed"
@@ -123,8 +123,10 @@ def execute(path: Path, force: bool = False, timeout: int = 600):
     print(f"executing {path.name}", flush=True)
     env = kernel_env()
     env["PLOTLY_RENDERER"] = "plotly_mimetype"  # figures as JSON; staticise() draws them
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(env=env)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.on_notebook_start = lambda notebook: wake_every_second(client.kc)
+    client.execute(env=env)
     nb.metadata["labkit_build"] = {"source_key": key}
     EXECUTED.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, cached)

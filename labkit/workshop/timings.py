@@ -54,6 +54,33 @@ def kernel_env() -> dict[str, str]:
     return env
 
 
+def wake_every_second(kc) -> None:
+    """Make the kernel client's shell and iopub reads wait in slices of at most a second.
+
+    Under load, runs were seen where the kernel had replied and gone idle while the client went on waiting until
+    its per-cell timeout (240 s here, 600 s in make book) and then carried on without an error, as if its event
+    loop had not been woken for a message that was already there. Waiting in short slices (each ends in a fresh
+    poll of the socket) bounds such a wait to a second and changes nothing else: the same messages are read, in
+    the same order, and the overall timeout still applies.
+    """
+    from queue import Empty
+
+    for channel in (kc.shell_channel, kc.iopub_channel):
+        original = channel.get_msg
+
+        async def get_msg(timeout=None, _original=original):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    return await _original(timeout=1.0 if remaining is None else min(1.0, remaining))
+                except Empty:
+                    if remaining is not None and remaining <= 1.0:
+                        raise
+
+        channel.get_msg = get_msg
+
+
 def _spin(deadline: float) -> None:
     while time.time() < deadline:
         pass
@@ -164,6 +191,7 @@ def run_notebook(path: Path, timeout: int = 240):
     clock: dict = {"cells": {}}
 
     def on_start(notebook):
+        wake_every_second(client.kc)
         clock["kernel_ready"] = time.perf_counter()
         state["sampler"] = KernelSampler(client.km.provisioner.process.pid)
         state["sampler"].start()
