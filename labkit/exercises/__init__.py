@@ -39,6 +39,7 @@ class Exercise:
     # Optional: run the function inside a bigger machine and return what to compare, e.g. drive the engine
     # with the learner's step function and return every request's tokens: harness(fn, *inputs) -> data.
     harness: Callable | None = None
+    hints: tuple[str, ...] = ()  # shown one at a time by labkit.progress.hint(name)
 
 
 def _lookup(name: str) -> tuple[Exercise, Callable | None]:
@@ -104,7 +105,15 @@ def check(name: str, fn: Callable) -> bool:
         else:
             print(f"{name}: not attempted yet: fill in the cell marked # YOUR CODE, then run it again.")
             return False
+    else:
+        if ok:
+            from labkit.progress import record_pass
+
+            record_pass(name)  # the learner's own function passed: labkit.progress() shows it
     if not ok:
         raise AssertionError(f"{name}: {msg}")
     print(f"{name}: {msg}")
     return True
+
+
+from labkit.progress import hint, show_solution  # noqa: E402  (so a notebook imports check, hint, show_solution)

@@ -25,7 +25,9 @@ def _int(gen, lo, hi):
 EXERCISES = {
     "causal_mask": Exercise(
         reference=_causal_mask, make_inputs=lambda g: (_int(g, 1, 12),),
-        spec="(T, T) bool tensor, True where query i may look at key j (j <= i)."),
+        spec="(T, T) bool tensor, True where query i may look at key j (j <= i).",
+        hints=("Row i is the query, column j the key: the allowed entries form the lower triangle.",
+               "torch.tril(torch.ones(T, T, dtype=torch.bool)) is that triangle.")),
     "top_k_filter": Exercise(
         reference=_top_k_filter, make_inputs=lambda g: (torch.randn(_int(g, 5, 50), generator=g), _int(g, 1, 5)),
         spec="keep the k largest logits, set every other one to -inf."),

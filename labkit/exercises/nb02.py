@@ -33,10 +33,15 @@ EXERCISES = {
         reference=_kv_bytes_per_token,
         make_inputs=lambda g: (_random_config(g), [1, 2, 4][_int(g, 0, 3)]),
         spec="bytes of K and V one cached token takes, summed over every layer and KV head, "
-             "for values of dtype_bytes bytes each."),
+             "for values of dtype_bytes bytes each.",
+        hints=("Count the numbers one token adds to the cache in one layer: a key and a value vector per KV head.",
+               "Query heads share KV heads (GQA), so use config.num_key_value_heads, not num_attention_heads.",
+               "2 (K and V) x layers x KV heads x head_dim x dtype_bytes.")),
     "reservation_waste": Exercise(
         reference=reservation_waste, make_inputs=_waste_inputs,
         spec="slot-steps a contiguous reservation of `reserved` slots holds but leaves empty while a request "
              "with prompt_len prompt tokens generates output_len tokens (it holds prompt_len + 1 + k tokens "
-             "at its k-th step, k = 0 .. output_len - 1)."),
+             "at its k-th step, k = 0 .. output_len - 1).",
+        hints=("At step k the request holds prompt_len + 1 + k tokens; the empty slots are reserved minus that.",
+               "Sum the empty slots over the output_len steps (a loop is fine; a closed form exists too).")),
 }
