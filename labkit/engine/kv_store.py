@@ -137,7 +137,7 @@ class PagedKVStore(KVCache):
                 from kernels.prefill_attention import paged_prefill_attention
 
                 out = paged_prefill_attention(q_t, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
-                                              meta.seq_lens, max_query_len=meta.max_query_len)
+                                              meta.seq_lens, check=False)
             return out.transpose(0, 1)[None].to(q.dtype)  # (1, Hq, N, D)
         return self._attend_torch(q_t, k_cache, v_cache, meta).transpose(0, 1)[None]
 
