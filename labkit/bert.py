@@ -180,12 +180,16 @@ class SentenceEmbedder:
     def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         if not texts:
             raise ValueError("embed got no texts")
+        # longest first, as sentence-transformers does: a batch of similar lengths pads little
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = []
         for i in range(0, len(texts), batch_size):
-            ids, mask = self.tokenize(texts[i:i + batch_size])
+            ids, mask = self.tokenize([texts[j] for j in order[i:i + batch_size]])
             v = mean_pool(self.model(ids, mask), mask).float()
             out.append(F.normalize(v, p=2, dim=1) if self.normalize else v)
-        return torch.cat(out).cpu()
+        vectors = torch.empty(len(texts), self.dim)
+        vectors[order] = torch.cat(out).cpu()
+        return vectors
 
 
 def load_embedder(path: str | pathlib.Path = DEFAULT_EMBEDDER_DIR, dtype: torch.dtype = torch.float32,

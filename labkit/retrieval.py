@@ -55,7 +55,7 @@ def austen_passages(split: str = "train", max_chapters_per_novel: int | None = N
                     break
                 chapter, index = chapter + 1, 0
                 continue
-            if chunk and sum(len(p) for p in chunk) + len(para) > max_chars:
+            if chunk and len("\n\n".join(chunk + [para])) > max_chars:
                 flush()
             chunk.append(para)
         else:
