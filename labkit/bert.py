@@ -178,6 +178,8 @@ class SentenceEmbedder:
 
     @torch.no_grad()
     def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("embed takes a list of strings (wrap a single text in a list)")
         if not texts:
             raise ValueError("embed got no texts")
         # longest first, as sentence-transformers does: a batch of similar lengths pads little
@@ -229,8 +231,9 @@ def load_embedder(path: str | pathlib.Path = DEFAULT_EMBEDDER_DIR, dtype: torch.
     model.load_state_dict({k: state[k] for k in expected})
     model = model.to(dtype).eval()
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    modules = (path / "modules.json").read_text() if (path / "modules.json").exists() else ""
     return SentenceEmbedder(model, tokenizer, max_seq_length=st.get("max_seq_length", 256),
-                            normalize=(path / "modules.json").exists() and "Normalize" in (path / "modules.json").read_text())
+                            normalize="Normalize" in modules)
 
 
 def save_half(src: str | pathlib.Path, dst: str | pathlib.Path) -> pathlib.Path:

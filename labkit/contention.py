@@ -136,3 +136,20 @@ def contention_rows(engines: dict, workloads: dict, max_seconds: float = 120.0) 
                          "step_ms": r.step_seconds_mean * 1e3, "output_tokens": r.output_tokens, "tok_s": r.tok_s,
                          "makespan_s": res["makespan_s"]})
     return rows
+
+
+def contention_figure(rows: list[dict], title: str = "two engines on one device"):
+    """Per mode: each engine's seconds to finish its workload and its mean step time."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    colors = ["#2a9d8f", "#e76f51", "#264653", "#e9c46a"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("seconds to finish its workload", "mean step time (ms)"))
+    for i, name in enumerate(engines):
+        mine = [r for r in rows if r["engine"] == name]
+        for col, key in ((1, "seconds"), (2, "step_ms")):
+            fig.add_trace(go.Bar(x=[r["mode"] for r in mine], y=[r[key] for r in mine], name=name,
+                                 marker_color=colors[i % len(colors)], showlegend=col == 1), row=1, col=col)
+    fig.update_layout(barmode="group", height=360, title=title)
+    return fig

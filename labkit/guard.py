@@ -9,9 +9,9 @@ and "unsafe". No token is generated; the score is
 The guard runs on its own :class:`labkit.engine.LLMEngine`, with its own KV pool, batching its
 requests like any other engine. :class:`GuardRunner` is the engine's ModelRunner with one change: where
 the runner would sample, it keeps the two label logits of each row. Any ``(model, tokenizer)`` works:
-the lab's guard is SmolLM2-135M-Instruct (``labkit.checkpoint.load_pretrained("models/SmolLM2-135M-Instruct.Q4_1.gguf")``
-once the GGUF loader has landed); the tests use the shipped Austen model, whose verdicts mean nothing but
-whose logits can be checked.
+the lab's guard is SmolLM2-135M-Instruct
+(``labkit.checkpoint.load_pretrained("models/SmolLM2-135M-Instruct.Q4_1.gguf")`` once the GGUF loader has
+landed); the tests use the shipped Austen model, whose verdicts mean nothing but whose logits can be checked.
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ class Guard:
         ids = self.tokenizer.encode(self.template.format(message=message))
         limit = self.engine.max_model_len - 1
         if len(ids) > limit:
-            raise ValueError(f"the guard prompt is {len(ids)} tokens, more than the guard's max_model_len - 1 = {limit}; "
+            raise ValueError(f"the guard prompt is {len(ids)} tokens, more than the guard's max_model_len - 1 = "
+                             f"{limit}; "
                              "shorten the message")
         return ids
 

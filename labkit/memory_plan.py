@@ -193,8 +193,8 @@ class LiveTensorBytes(TorchDispatchMode):
             weakref.finalize(storage, self._freed, key, n)
             if self.limit_bytes is not None and self.live > self.limit_bytes:
                 raise torch.OutOfMemoryError(
-                    f"CPU profile run: {self.live / MiB:.1f} MiB of live tensors is over the {self.limit_bytes / MiB:.1f} "
-                    f"MiB this run may use ({func})")
+                    f"CPU profile run: {self.live / MiB:.1f} MiB of live tensors is over the "
+                    f"{self.limit_bytes / MiB:.1f} MiB this run may use ({func})")
         return out
 
     def _freed(self, key: int, n: int) -> None:
@@ -400,7 +400,8 @@ class MemoryPlan:
         raise KeyError(f"no model {name!r} in this plan; it has {[m.name for m in self.models]}")
 
     def table(self, tokens_per_seq: int | None = None) -> str:
-        rows = [f"{self.device_name}: {self.device_bytes / GiB:.2f} GiB, unassigned {self.unassigned_bytes / GiB:.2f} GiB",
+        rows = [f"{self.device_name}: {self.device_bytes / GiB:.2f} GiB, "
+                f"unassigned {self.unassigned_bytes / GiB:.2f} GiB",
                 f"{'model':10s} {'budget':>10s} {'weights':>10s} {'activ.':>10s} {'KV pool':>10s} {'blocks':>9s} "
                 f"{'max seqs':>9s}"]
         for m in self.models:
@@ -419,7 +420,8 @@ def plan_memory(device_bytes: int, budgets: dict[str, int], profiles: dict[str, 
     if isinstance(profiles, list):
         profiles = {p.name: p for p in profiles}
     if set(budgets) != set(profiles):
-        raise PlanError(f"budgets name {sorted(budgets)} but profiles name {sorted(profiles)}: give one budget per model")
+        raise PlanError(f"budgets name {sorted(budgets)} but profiles name {sorted(profiles)}: "
+                        "give one budget per model")
     if device_bytes <= 0:
         raise PlanError(f"device_bytes must be positive, got {device_bytes}")
     for name, b in budgets.items():
@@ -440,7 +442,8 @@ def plan_memory(device_bytes: int, budgets: dict[str, int], profiles: dict[str, 
         if fixed > budget:
             raise PlanError(f"{name!r} does not fit its budget of {budget / MiB:.1f} MiB: weights "
                             f"{p.weight_bytes / MiB:.1f} + activations {p.activation_bytes / MiB:.1f} MiB "
-                            f"= {fixed / MiB:.1f} MiB ({p.method}). Give it at least {p.min_budget_bytes / MiB:.1f} MiB, "
+                            f"= {fixed / MiB:.1f} MiB ({p.method}). "
+                            f"Give it at least {p.min_budget_bytes / MiB:.1f} MiB, "
                             f"or lower its max_num_batched_tokens / batch")
         blocks = num_kv_blocks(budget, p)
         if p.has_kv_cache and blocks < p.blocks_per_seq:

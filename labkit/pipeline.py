@@ -92,10 +92,11 @@ class PipelineRun:
         start = min(r.arrival_s for r in self.requests)
         end = max(r.arrival_s + r.latency_s for r in done)
         answered = [r for r in done if not r.refused]
+        span = end - start
         out = {"models": len([s for s in self.stages if s != "retrieve"]), "stages": "+".join(self.stages),
                "requests": len(self.requests), "finished": len(done), "refused": sum(r.refused for r in done),
-               "throughput_req_s": len(done) / (end - start) if end > start else float("nan"),
-               "output_tok_s": sum(len(r.answer_ids) for r in answered) / (end - start) if end > start else float("nan"),
+               "throughput_req_s": len(done) / span if span > 0 else float("nan"),
+               "output_tok_s": sum(len(r.answer_ids) for r in answered) / span if span > 0 else float("nan"),
                "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99)),
                "ttft_p50_s": float(np.percentile([r.first_token_s - r.arrival_s for r in answered], 50))
                if answered else float("nan"),
@@ -239,3 +240,26 @@ def load_questions(n: int, unsafe_every: int = 0) -> list[str]:
         else:
             out.append(QUESTIONS[i % len(QUESTIONS)])
     return out
+
+
+def pipeline_load_figure(rows: list[dict], title: str = "the pipeline under load"):
+    """Left: mean seconds a request spends in each stage (queueing included), per pipeline. Right: throughput
+    and p99 latency. ``rows``: PipelineRun.summary() of each pipeline."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    colors = {"guard": "#e76f51", "embed": "#e9c46a", "retrieve": "#8ab17d", "generate": "#2a9d8f"}
+    names = [f"{r['models']} model{'s' if r['models'] > 1 else ''}" for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean time in each stage (s)", "throughput and p99 latency"),
+                        specs=[[{}, {"secondary_y": True}]])
+    for stage in STAGES:
+        fig.add_trace(go.Bar(x=names, y=[r.get(f"{stage}_mean_s", 0.0) for r in rows], name=stage,
+                             marker_color=colors[stage]), row=1, col=1)
+    fig.add_trace(go.Bar(x=names, y=[r["throughput_req_s"] for r in rows], name="requests/s", marker_color="#264653",
+                         showlegend=True), row=1, col=2)
+    fig.add_trace(go.Scatter(x=names, y=[r["latency_p99_s"] for r in rows], name="p99 latency (s)",
+                             mode="lines+markers", line_color="#d62728"), row=1, col=2, secondary_y=True)
+    fig.update_layout(barmode="stack", height=380, title=title)
+    fig.update_yaxes(title_text="requests/s", row=1, col=2, secondary_y=False)
+    fig.update_yaxes(title_text="p99 latency (s)", row=1, col=2, secondary_y=True)
+    return fig

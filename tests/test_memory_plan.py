@@ -15,7 +15,8 @@ from labkit.model import LlamaForCausalLM
 CONFIGS = [LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, attention_bias=ab,
                        qkv_bias=qb, mlp_bias=mb)
-           for tie, ab, qb, mb in ((True, False, False, False), (False, True, False, True), (False, False, True, False))]
+           for tie, ab, qb, mb in ((True, False, False, False), (False, True, False, True),
+                                   (False, False, True, False))]
 
 
 @pytest.fixture(scope="module")
