@@ -147,4 +147,4 @@ class QuantizedKVStore(PagedKVStore):
         keys, values = keys.reshape(S * width, bs, H, D), values.reshape(S * width, bs, H, D)
         tables = torch.arange(S * width, dtype=torch.int32, device=q_t.device).view(S, width)
         return paged_prefill_attention(q_t.to(self.dtype).contiguous(), keys, values, tables, meta.cu_seqlens_q,
-                                       meta.seq_lens, max_query_len=meta.max_query_len)
+                                       meta.seq_lens)
