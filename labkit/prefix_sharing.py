@@ -188,7 +188,7 @@ def attack_noise_figure(noise_levels_s, curve: dict, signal_s: float, live: dict
         name = "per-tenant salt" if salted else "shared cache"
         fig.add_trace(go.Scatter(x=ms, y=curve[salted], mode="lines+markers", name=f"{name}, simulated",
                                  line_color=colours[salted]))
-        if live is not None:
+        if live is not None and salted in live:
             aucs = live[salted]["auc"]
             fig.add_trace(go.Scatter(x=[1e3 * live_noise_s] * len(aucs), y=aucs, mode="markers",
                                      marker=dict(size=10, symbol="x", color=colours[salted]),

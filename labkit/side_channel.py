@@ -230,11 +230,12 @@ def run_attack(num_trials: int = 400, salted: bool = False, clock: str = "simula
             "threshold_s": -threshold, "scores": scores, "labels": labels, "salted": salted, "clock": clock}
 
 
-def repeat_attack(repeats: int, num_trials: int, **kwargs) -> dict:
-    """The attack ``repeats`` times (seeds 0, 1, ...), shared cache and per-tenant salt: AUCs and accuracies
-    per repeat, and their median / min / max, so a figure can show how much one run can be trusted."""
+def repeat_attack(repeats: int, num_trials: int, settings=(False, True), **kwargs) -> dict:
+    """The attack ``repeats`` times (seeds 0, 1, ...) for each setting (salted False: shared cache, True:
+    per-tenant salt): AUCs and accuracies per repeat, and their median / min / max, so a figure can show how
+    much one run can be trusted."""
     out = {}
-    for salted in (False, True):
+    for salted in settings:
         runs = [run_attack(num_trials, salted=salted, seed=s, **kwargs) for s in range(repeats)]
         aucs = np.array([r["auc"] for r in runs])
         out[salted] = {"auc": aucs, "accuracy": np.array([r["accuracy"] for r in runs]),
