@@ -21,6 +21,15 @@ CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_
 NEW_TOKENS = 20
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is fastest, and on a shared machine more threads only make it slower."""
+    from labkit.side_channel import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -37,6 +37,15 @@ QUERY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # kernel vs reference on the same codes
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is fastest, and on a shared machine more threads only make it slower."""
+    from labkit.side_channel import one_thread
+
+    with one_thread():
+        yield
+
+
 def rel_err(out, ref):
     assert torch.isfinite(out).all(), "non-finite values in the kernel's output"
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -332,7 +341,6 @@ def test_shipped_model_int8_kv_agrees_with_fp32_and_barely_moves_perplexity():
     from labkit.checkpoint import load_default_model
     from labkit.evaluate import encode_split
 
-    torch.set_num_threads(1)
     model, tok = load_default_model()
     ids = encode_split(tok)[:1025]
     x = ids[:1024].view(4, 256)

@@ -16,6 +16,15 @@ CONFIG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_h
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is fastest, and on a shared machine more threads only make it slower."""
+    from labkit.side_channel import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.mark.timeout(120)
 def test_kernel_decode_over_shuffled_blocks_matches_no_cache():
     torch.manual_seed(0)

@@ -17,6 +17,15 @@ TINY = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hid
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is fastest, and on a shared machine more threads only make it slower."""
+    from labkit.side_channel import one_thread
+
+    with one_thread():
+        yield
+
+
 def test_roc_auc():
     assert roc_auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
     assert roc_auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
