@@ -144,7 +144,7 @@ def write_card(model_dir: pathlib.Path = DEFAULT_MODEL_DIR, sample_tokens: int =
     n_params = model.num_parameters
     card = f"""# labkit's default model: a {n_params / 1e6:.1f}M-parameter Llama trained on Jane Austen
 
-The small model every notebook loads (`labkit.model.load_default_model()`). It is a real Llama-family
+The small model every notebook loads (`labkit.checkpoint.load_default_model()`). It is a real Llama-family
 checkpoint in Hugging Face format (`config.json`, `model.safetensors` in bf16, `tokenizer.json`), so
 `transformers.LlamaForCausalLM.from_pretrained` reads it too. It writes Austen-flavoured English; it
 knows nothing else. This card is written by `python -m labkit.evaluate --write-card` from

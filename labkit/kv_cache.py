@@ -7,7 +7,8 @@ output back. The cache decides where K/V live and how attention reads them:
                      must re-run the whole sequence every step (notebook 01).
     ContiguousCache  reserves max_len slots per sequence up front, HF/FasterTransformer style
                      (notebook 02); rows of the batch are slots a scheduler hands to requests (03).
-    PagedCache       (labkit.paged_cache) stores K/V in fixed-size blocks through block tables (04-05).
+    PagedKVStore     (labkit.engine.kv_store) stores K/V in fixed-size blocks read through block tables, the
+                     engine's store (04-05); QuantizedKVStore (labkit.engine.kv_store_quant) as 1-byte codes (09).
 
 A new cache only has to implement ``attend``; the model never changes.
 """

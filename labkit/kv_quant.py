@@ -1,9 +1,9 @@
-"""KV-cache quantisation: a paged cache that stores int8 (or fp8 e4m3) K/V plus one scale per (token, KV head).
+"""KV-cache quantisation: what a token costs in bytes, how many sequences a pool then holds, and what it
+costs in perplexity, measured on the engine's int8 / fp8 KV store (notebook 09).
 
-    write (every layer, every new token):   codes, scale = quantise(k)     # kernels/paged_attention_int8kv.py
-                                             k_cache[slot] = codes;  k_scale[slot] = scale
-    read  (decode, one new token a sequence): paged decode kernel that dequantises inside the loop
-    read  (prefill, or on the CPU):          gather the blocks, codes * scale, plain-torch attention
+    storage   labkit/engine/kv_store_quant.py  QuantizedKVStore: 1-byte codes + one fp32 scale per
+                                               (token, KV head), both inside each block
+    kernels   kernels/paged_attention_int8kv.py quantise on write; paged decode that dequantises in its loop
 
 Bytes per cached token (K and V, every layer and KV head)::
 
@@ -16,29 +16,22 @@ Attention always reads the *quantised* cache, also in prefill: the perplexity th
 every decode step sees. (vLLM computes prefill attention from the fresh, unquantised K/V and only later
 steps read the codes, so its prompt tokens lose a little less.)
 
-Block bookkeeping is :class:`labkit.paged_cache.PagedCache`'s (a :class:`labkit.paged.BlockManager` underneath).
+``python -m labkit.kv_quant`` prints held-out perplexity with each format.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from kernels.paged_attention_int8kv import (
-    KV_FORMATS,
-    SCALE_DTYPE,
-    cache_write_quant,
-    cache_write_quant_ref,
-    dequantise_kv_ref,
-    paged_attention_int8kv,
-    quantise_kv_ref,
-)
+from kernels.paged_attention_int8kv import KV_FORMATS, SCALE_DTYPE, dequantise_kv_ref, quantise_kv_ref
 from labkit.attention import attention_ref
 from labkit.config import LlamaConfig
 from labkit.kv_cache import KVCache
 from labkit.paged import blocks_needed
-from labkit.paged_cache import PagedCache
 
-__all__ = ["QuantizedPagedCache", "kv_bytes_per_token", "max_concurrent_sequences", "quantise_kv_ref",
-           "dequantise_kv_ref", "KV_FORMATS", "RecordingCache"]
+__all__ = ["kv_bytes_per_token", "max_concurrent_sequences", "quantise_kv_ref", "dequantise_kv_ref", "KV_FORMATS",
+           "RecordingCache", "make_store", "store_logits", "heldout_perplexities", "teacher_forced_agreement"]
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -65,81 +58,6 @@ def max_concurrent_sequences(config: LlamaConfig, pool_bytes: int, seq_len: int,
     return num_blocks // blocks_needed(seq_len, block_size)
 
 
-class QuantizedPagedCache(PagedCache):
-    """Paged KV cache with 1-byte codes and fp32 scales per (token, KV head).
-
-    Storage per layer: ``k_cache[layer]`` (num_blocks, block_size, num_kv_heads, head_dim) int8/fp8 and
-    ``k_scale[layer]`` (num_blocks, block_size, num_kv_heads) fp32; the same for V. The block bookkeeping
-    (block manager, slot mapping, block tables, views, copy-on-write) is PagedCache's.
-
-    backend: "auto" uses the Triton kernels on the GPU and plain torch on the CPU; "triton" forces the
-    kernels (in the interpreter on the CPU: slow, tiny models only); "torch" forces the references.
-    """
-
-    def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16, kv_format: str = "int8",
-                 device: torch.device | str = "cpu", backend: str = "auto"):
-        if kv_format not in KV_FORMATS:
-            raise ValueError(f"kv_format must be one of {sorted(KV_FORMATS)}, got {kv_format!r}")
-        self._setup(config, num_blocks, block_size, device, backend)
-        self.kv_format = kv_format
-        L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        codes = (L, num_blocks, block_size, H, D)
-        qdtype = KV_FORMATS[kv_format][0]
-        self.dtype = qdtype
-        self.k_cache = torch.zeros(codes, dtype=qdtype, device=self.device)
-        self.v_cache = torch.zeros(codes, dtype=qdtype, device=self.device)
-        self.k_scale = torch.zeros(codes[:-1], dtype=SCALE_DTYPE, device=self.device)
-        self.v_scale = torch.zeros(codes[:-1], dtype=SCALE_DTYPE, device=self.device)
-
-    # --- accounting ---------------------------------------------------------------------------
-    @property
-    def bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.config, self.kv_format)
-
-    @property
-    def reserved_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale))
-
-    def _copy_block(self, src: int, dst: int) -> None:
-        super()._copy_block(src, dst)
-        self.k_scale[:, dst] = self.k_scale[:, src]
-        self.v_scale[:, dst] = self.v_scale[:, src]
-
-    # --- the interface ------------------------------------------------------------------------
-    def attend(self, layer_idx, q, k, v, positions):
-        B, Hkv, T, D = k.shape
-        if layer_idx == 0:
-            self._prepare(positions)
-        slot_mapping, block_tables, seq_lens = self._step
-        caches = (self.k_cache[layer_idx], self.v_cache[layer_idx], self.k_scale[layer_idx], self.v_scale[layer_idx])
-        k_new = k.permute(0, 2, 1, 3).reshape(B * T, Hkv, D).contiguous()  # (B*T, Hkv, D), token-major
-        v_new = v.permute(0, 2, 1, 3).reshape(B * T, Hkv, D).contiguous()
-        write = cache_write_quant if self.use_kernels else cache_write_quant_ref
-        write(k_new, v_new, *caches, slot_mapping)
-
-        if T == 1 and self.use_kernels:  # decode: the kernel dequantises inside its loop
-            out = paged_attention_int8kv(q[:, :, 0].contiguous(), *caches, block_tables, seq_lens)  # (B, Hq, D)
-            return out[:, :, None]
-        return self._attend_dequantised(q, positions, caches, block_tables, seq_lens)
-
-    def _attend_dequantised(self, q, positions, caches, block_tables, seq_lens):
-        """Gather every row's blocks, dequantise, plain-torch causal attention."""
-        k_cache, v_cache, k_scale, v_scale = caches
-        B = q.shape[0]
-        blocks = block_tables.long()  # (B, width)
-        span = blocks.shape[1] * self.block_size
-
-        def gather(codes, scale):  # -> (B, Hkv, span, D)
-            c = codes[blocks].flatten(1, 2)  # (B, span, Hkv, D)
-            s = scale[blocks].flatten(1, 2)  # (B, span, Hkv)
-            return dequantise_kv_ref(c, s).permute(0, 2, 1, 3).to(q.dtype)
-
-        keys, values = gather(k_cache, k_scale), gather(v_cache, v_scale)
-        k_pos = torch.arange(span, device=q.device).expand(B, span)
-        k_valid = k_pos < seq_lens.to(q.device).long()[:, None]
-        return attention_ref(q, keys, values, positions.to(q.device), k_pos, k_valid)
-
-
 class RecordingCache(KVCache):
     """Stateless like NoCache, but keeps each layer's new K and V (B, Hkv, T, D) for inspection."""
 
@@ -152,29 +70,92 @@ class RecordingCache(KVCache):
         return attention_ref(q, k, v, positions, positions)
 
 
-# --- quality: held-out perplexity with each cache format ------------------------------------------
+# --- the engine's store, driven directly: teacher-forced logits --------------------------------------
+def make_store(config: LlamaConfig, num_blocks: int, block_size: int = 16, kv_cache_dtype: str = "int8",
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The KV store the engine's ModelRunner builds for ``EngineConfig(kv_cache_dtype=...)`` ("auto": fp)."""
+    from labkit.engine.kv_store import PagedKVStore
+    from labkit.engine.kv_store_quant import QuantizedKVStore
+
+    use_kernels = torch.device(device).type == "cuda"
+    if kv_cache_dtype == "auto":
+        return PagedKVStore(config, num_blocks, block_size, dtype=dtype, device=device, use_kernels=use_kernels)
+    return QuantizedKVStore(config, num_blocks, block_size, kv_cache_dtype, dtype=dtype, device=device,
+                            use_kernels=use_kernels)
+
+
+@torch.no_grad()
+def store_logits(model, store, x: torch.Tensor) -> torch.Tensor:
+    """Logits (S, T, vocab) of S sequences x (S, T), prefilled in one packed step through ``store``: the
+    metadata the engine's runner builds (slot mapping, block tables, lengths), every position scored.
+    Sequence i takes blocks [i * n, (i + 1) * n) of the store (n = blocks for T tokens)."""
+    from labkit.engine.kv_store import AttentionMetadata
+
+    S, T = x.shape
+    bs = store.block_size
+    n = blocks_needed(T, bs)
+    if S * n > store.k_cache.shape[1]:
+        raise ValueError(f"{S} sequences of {T} tokens need {S * n} blocks; the store has {store.k_cache.shape[1]}")
+    tables = [list(range(i * n, (i + 1) * n)) for i in range(S)]
+    slots = [t[p // bs] * bs + p % bs for t in tables for p in range(T)]
+    store.metadata = AttentionMetadata.build([T] * S, [T] * S, tables, slots, store.device,
+                                             with_torch_path=not store.use_kernels)
+    device = next(model.parameters()).device
+    ids = x.reshape(1, S * T).to(device)
+    positions = torch.arange(T, device=device).repeat(S)[None]
+    return model(ids, positions, cache=store, validate=False).view(S, T, -1)
+
+
+@torch.no_grad()
 def heldout_perplexities(model, ids: torch.Tensor, formats=("none", "int8", "fp8"), block_size: int = 16,
                          batch_size: int = 8) -> dict[str, float]:
-    """Held-out perplexity of ``model`` on the token stream ``ids`` (``labkit.evaluate.mean_loss``'s windows),
-    attention reading K/V from a cache of each format: "none" = no cache (full precision), "int8", "fp8"."""
-    import math
+    """Held-out perplexity of ``model`` on the token stream ``ids`` (``labkit.evaluate``'s windows of the
+    model's context), attention reading K/V from the engine's store of each format: "none" = no cache (the
+    fp32 reference), "auto" = the engine's fp store, "int8", "fp8"."""
+    import torch.nn.functional as F
 
-    from labkit.evaluate import mean_loss
+    from labkit.evaluate import mean_loss, windows
 
     ctx = model.config.max_position_embeddings
     device = next(model.parameters()).device
+    pieces = windows(ids, ctx)
     out = {}
     for fmt in formats:
-        factory = None if fmt == "none" else (
-            lambda fmt=fmt: QuantizedPagedCache.for_batch(model.config, batch_size, ctx, block_size=block_size,
-                                                          kv_format=fmt, device=device))
-        loss, _ = mean_loss(model, ids, ctx, batch_size, cache_factory=factory)
-        out[fmt] = math.exp(loss)
+        if fmt == "none":
+            loss, _ = mean_loss(model, ids, ctx, batch_size)
+            out[fmt] = math.exp(loss)
+            continue
+        store = make_store(model.config, batch_size * blocks_needed(ctx, block_size), block_size, fmt, device=device)
+        total, count = 0.0, 0
+        for start in range(0, len(pieces), batch_size):
+            by_len: dict[int, list] = {}  # only the last window can be shorter
+            for x, y in pieces[start:start + batch_size]:
+                by_len.setdefault(len(x), []).append((x, y))
+            for same in by_len.values():
+                x = torch.stack([p[0] for p in same])
+                y = torch.stack([p[1] for p in same]).to(device)
+                logits = store_logits(model, store, x)
+                total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+                count += y.numel()
+        out[fmt] = math.exp(total / count)
     return out
 
 
+@torch.no_grad()
+def teacher_forced_agreement(model, x: torch.Tensor, kv_cache_dtype: str, block_size: int = 16) -> float:
+    """Share of positions of x (S, T) whose greedy next token with a ``kv_cache_dtype`` store equals the
+    one without a cache (teacher forcing: every position sees the true text, so one difference does not
+    derail the rest the way free-running greedy decoding does)."""
+    S, T = x.shape
+    store = make_store(model.config, S * blocks_needed(T, block_size), block_size, kv_cache_dtype,
+                       device=next(model.parameters()).device)
+    quant = store_logits(model, store, x).argmax(-1)
+    full = model(x.to(quant.device)).argmax(-1)
+    return float((quant == full).float().mean())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m labkit.kv_quant``: held-out perplexity of the shipped model with int8 / fp8 KV caches."""
+    """``python -m labkit.kv_quant``: held-out perplexity of the shipped model with int8 / fp8 KV stores."""
     import argparse
 
     from labkit.checkpoint import load_default_model
@@ -188,12 +169,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
     model, tokenizer = load_default_model(device=args.device)
     ids = encode_split(tokenizer)[:args.max_tokens + 1]
-    ppl = heldout_perplexities(model, ids)
+    ppl = heldout_perplexities(model, ids, formats=("none", "auto", "int8", "fp8"))
     base = ppl["none"]
+    names = {"none": "no cache", "auto": "fp32 store"}
     for fmt, p in ppl.items():
-        print(f"{fmt:5s} KV cache: held-out perplexity {p:.4f} ({100 * (p / base - 1):+.3f}%), "
-              f"{kv_bytes_per_token(model.config, 'fp32' if fmt == 'none' else fmt)} bytes/token "
-              f"over {len(ids) - 1:,} tokens")
+        nbytes = kv_bytes_per_token(model.config, "fp32" if fmt in ("none", "auto") else fmt)
+        print(f"{names.get(fmt, fmt + ' store'):10s}: held-out perplexity {p:.4f} ({100 * (p / base - 1):+.3f}%), "
+              f"{nbytes} bytes/token over {len(ids) - 1:,} tokens")
 
 
 if __name__ == "__main__":

@@ -164,5 +164,3 @@ class LlamaForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-
-from labkit.checkpoint import Tokenizer, load_default_model, load_pretrained, save_pretrained  # noqa: E402,F401

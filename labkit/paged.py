@@ -20,9 +20,9 @@ The vocabulary is vLLM's / nano-vllm's, so a learner can read those codebases ne
   block it shares, it first gets a private copy; ``append_slot`` records the ``(src, dst)`` block copy
   that the cache must perform (``take_copies()``) before it writes the token's K/V.
 
-Nothing here touches tensors: this module only decides *where* tokens go. ``labkit.paged_cache``
-stores K/V at those slots; ``labkit.prefix_cache`` adds hash-based reuse of full blocks;
-``labkit.preemption`` frees or swaps sequences when blocks run out.
+Nothing here touches tensors: this module only decides *where* tokens go. The engine's
+``PagedKVStore`` (``labkit.engine.kv_store``) stores K/V at those slots; ``labkit.prefix_cache`` adds
+hash-based reuse of full blocks; the engine's scheduler frees or swaps sequences when blocks run out.
 
 ``block_table_figure(bm)`` draws the block tables and ref counts (plotly), for the notebooks.
 
@@ -177,7 +177,7 @@ class BlockManager:
         bm.allocate(seq, num_prompt_tokens)     # prefill: blocks for the prompt
         slots = bm.slot_mapping(seq, 0, n)      # where the prompt's K/V go
         while decoding:
-            if not bm.can_append(seq): preempt someone (labkit.preemption)
+            if not bm.can_append(seq): preempt someone (labkit/engine/scheduler.py)
             slot = bm.append_slot(seq)          # room for one more token (may copy-on-write)
             copies = bm.take_copies()           # [(src, dst)] block copies to do before writing
         bm.free(seq)                            # finished or preempted by recompute

@@ -18,29 +18,18 @@ freed block first, which evicts cached blocks in LRU order (vLLM v1's design).
 closes the timing side channel of :mod:`labkit.side_channel` (vLLM's ``cache_salt``, CVE-2025-46570),
 at the price of hits across tenants. The same ``BlockManager.fork`` that shares blocks between a
 prompt's parallel samples is measured at the end of this file (``parallel_sampling_blocks``).
+
+The engine's block manager (``labkit/engine/block_manager.py``) is built on this class; notebook 06's
+experiments on the engine are in ``labkit.prefix_sharing``.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import time
-from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 from labkit.paged import BlockManager, blocks_needed
 
-__all__ = [
-    "hash_block",
-    "block_hashes",
-    "PrefixCachingBlockManager",
-    "PrefillCostModel",
-    "SharedPromptTrace",
-    "make_shared_prompt_trace",
-    "replay_prefix_cache",
-    "parallel_sampling_blocks",
-    "cpu_prefix_run",
-    "one_thread",
-]
+__all__ = ["hash_block", "block_hashes", "PrefixCachingBlockManager", "parallel_sampling_blocks"]
 
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int], salt: str | None = None) -> int:
@@ -143,7 +132,7 @@ class PrefixCachingBlockManager(BlockManager):
         self._seq_hashes[seq_id] = []
         self._num_cached[seq_id] = len(hit) * self.block_size
         # The new full blocks are findable from now on, before their K/V exist: the caller must prefill
-        # them before the next allocate (the Engine does so in the same step, as vLLM's scheduler does).
+        # them before the next allocate (the engine does so in the same step, as vLLM's scheduler does).
         self._register_full_blocks(seq_id)
         self.stats["queries"] += 1
         self.stats["queried_tokens"] += num_tokens
@@ -216,111 +205,7 @@ class PrefixCachingBlockManager(BlockManager):
         self._seq_salt.pop(seq_id, None)
 
 
-# ==== measuring it ==============================================================================
-
-@dataclass(frozen=True)
-class PrefillCostModel:
-    """Time to first token of a prefill, as a function of the tokens it really computes.
-
-    ``ttft_s = overhead_s + per_token_s * computed + per_token_pair_s * computed * context``: the
-    per-token term is the linear layers, the pair term is attention (each new token reads every
-    earlier one, ``context`` = cached + computed). ``fit`` calibrates it on a real model.
-    """
-
-    overhead_s: float
-    per_token_s: float
-    per_token_pair_s: float = 0.0
-
-    def ttft(self, num_tokens: int, num_cached_tokens: int = 0) -> float:
-        computed = num_tokens - num_cached_tokens
-        return self.overhead_s + self.per_token_s * computed + self.per_token_pair_s * computed * num_tokens
-
-    @classmethod
-    def fit(cls, lengths: Sequence[int], seconds: Sequence[float]) -> "PrefillCostModel":
-        """Least-squares fit of overhead + per_token * n + pair * n^2 to measured full prefills."""
-        import numpy as np
-
-        n = np.asarray(lengths, dtype=float)
-        A = np.stack([np.ones_like(n), n, n * n], axis=1)
-        coef, *_ = np.linalg.lstsq(A, np.asarray(seconds, dtype=float), rcond=None)
-        overhead, per_tok, pair = (max(float(c), 0.0) for c in coef)
-        return cls(overhead, per_tok, pair)
-
-
-@dataclass(frozen=True)
-class SharedPromptTrace:
-    """Requests that start with one of a few system prompts, then a private user message."""
-
-    prompts: tuple[tuple[int, ...], ...]
-    tenants: tuple[str, ...]
-    system_ids: tuple[int, ...]  # which system prompt each request starts with
-    output_lens: tuple[int, ...]
-
-
-def make_shared_prompt_trace(num_requests: int = 200, num_system_prompts: int = 4, system_len: int = 96,
-                             user_len: tuple[int, int] = (8, 48), output_len: tuple[int, int] = (8, 32),
-                             num_tenants: int = 4, vocab_size: int = 4096, seed: int = 0) -> SharedPromptTrace:
-    """A seeded trace: each request = one of ``num_system_prompts`` system prompts (Zipf-ish popularity)
-    + a random user message of ``user_len`` tokens; tenants are assigned independently of the prompt,
-    so several tenants use each system prompt (the cross-tenant sharing a per-tenant salt forfeits)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    systems = [tuple(int(t) for t in rng.integers(0, vocab_size, system_len)) for _ in range(num_system_prompts)]
-    popularity = 1.0 / np.arange(1, num_system_prompts + 1)
-    popularity /= popularity.sum()
-    sys_ids = rng.choice(num_system_prompts, size=num_requests, p=popularity)
-    prompts, tenants, outs = [], [], []
-    for i in range(num_requests):
-        user = rng.integers(0, vocab_size, int(rng.integers(user_len[0], user_len[1] + 1)))
-        prompts.append(systems[sys_ids[i]] + tuple(int(t) for t in user))
-        tenants.append(f"tenant{int(rng.integers(num_tenants))}")
-        outs.append(int(rng.integers(output_len[0], output_len[1] + 1)))
-    return SharedPromptTrace(tuple(prompts), tuple(tenants), tuple(int(s) for s in sys_ids), tuple(outs))
-
-
-def replay_prefix_cache(trace: SharedPromptTrace, num_blocks: int, block_size: int = 16,
-                        cost: PrefillCostModel | None = None, per_tenant_salt: bool = False,
-                        max_running: int = 8) -> dict:
-    """Replay the trace through a PrefixCachingBlockManager, ``max_running`` requests in flight (FCFS).
-
-    Each request is allocated, decodes ``output_len`` tokens (its blocks grow), then is freed. Returns
-    the token hit rate, and the TTFT with and without the cache under ``cost``.
-    """
-    bm = PrefixCachingBlockManager(num_blocks, block_size)
-    running: list[int] = []
-    ttft_cached, ttft_plain = [], []
-
-    def growth(j):  # blocks request j still needs to finish (admission reserves them, so decoding never fails)
-        return bm.blocks_needed(len(trace.prompts[j]) + trace.output_lens[j]) - len(bm.seqs[j].block_table)
-
-    for i, prompt in enumerate(trace.prompts):
-        need = bm.blocks_needed(len(prompt) + trace.output_lens[i])
-        while running and (len(running) >= max_running or bm.num_free_blocks - sum(map(growth, running)) < need):
-            _finish(bm, running.pop(0), trace)
-        if need > bm.num_blocks:
-            raise ValueError(f"request {i} needs {need} blocks; the pool has {bm.num_blocks}")
-        salt = trace.tenants[i] if per_tenant_salt else None
-        bm.allocate(i, len(prompt), token_ids=prompt, cache_salt=salt)
-        if cost is not None:
-            ttft_cached.append(cost.ttft(len(prompt), bm.num_cached_tokens(i)))
-            ttft_plain.append(cost.ttft(len(prompt), 0))
-        running.append(i)
-    while running:
-        _finish(bm, running.pop(0), trace)
-    out = {"hit_rate": bm.hit_rate, "evictions": bm.stats["evictions"], "num_requests": len(trace.prompts)}
-    if cost is not None:
-        mean_c, mean_p = sum(ttft_cached) / len(ttft_cached), sum(ttft_plain) / len(ttft_plain)
-        out.update(mean_ttft_s=mean_c, mean_ttft_no_cache_s=mean_p, ttft_saved=1 - mean_c / mean_p,
-                   ttft_s=ttft_cached, ttft_no_cache_s=ttft_plain)
-    return out
-
-
-def _finish(bm: PrefixCachingBlockManager, seq_id: int, trace: SharedPromptTrace) -> None:
-    for j in range(trace.output_lens[seq_id]):
-        bm.append_slot(seq_id, token_id=(seq_id * 7919 + j) % 4096)  # a stand-in for the sampled tokens
-    bm.free(seq_id)
-
+# ==== what fork saves ==========================================================================
 
 def parallel_sampling_blocks(prompt_len: int, output_lens: Sequence[int], block_size: int = 16) -> dict:
     """Blocks held at the end of ``n = len(output_lens)`` samples of one prompt, shared vs independent.
@@ -343,45 +228,3 @@ def parallel_sampling_blocks(prompt_len: int, output_lens: Sequence[int], block_
     used = shared.allocator.num_used_blocks
     return {"n": n, "blocks_shared": used, "blocks_independent": independent, "cow_copies": copies,
             "memory_saved": 1 - used / independent}
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Time on one CPU thread: on a shared machine several threads make the timings far noisier."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def cpu_prefix_run(model, trace: SharedPromptTrace, num_blocks: int = 256, block_size: int = 16,
-                   max_new_tokens: int = 2) -> dict:
-    """Serve ``trace``'s prompts one after another with the real ``model`` on this CPU, once with a prefix
-    cache (prefill skips the cached blocks) and once without; wall-clock TTFT of each request.
-
-    Uses :class:`labkit.preemption.Engine` (prefill only the uncached suffix through a block-table cache).
-    Returns hit rate, mean TTFTs, the fraction saved, and whether both runs produced the same tokens."""
-    from labkit.preemption import Engine, Request
-
-    out = {}
-    for cached in (False, True):
-        engine = Engine(model, num_blocks=num_blocks, block_size=block_size, prefix_caching=cached)
-        ttfts, tokens = [], []
-        with one_thread():
-            for i, prompt in enumerate(trace.prompts):
-                engine.add(Request(i, list(prompt), max_new_tokens))
-                t0 = time.perf_counter()
-                engine.step()  # admit + prefill (the uncached part) + first token
-                ttfts.append(time.perf_counter() - t0)
-                while engine.running:
-                    engine.step()
-        tokens = [r.output_ids for r in sorted(engine.finished, key=lambda r: r.req_id)]
-        out[cached] = (ttfts, tokens, engine.bm.hit_rate if cached else 0.0)
-    (t_plain, tok_plain, _), (t_cached, tok_cached, hit) = out[False], out[True]
-    mean_p, mean_c = sum(t_plain) / len(t_plain), sum(t_cached) / len(t_cached)
-    return {"hit_rate": hit, "mean_ttft_s": mean_c, "mean_ttft_no_cache_s": mean_p, "ttft_saved": 1 - mean_c / mean_p,
-            "same_tokens": tok_plain == tok_cached, "ttft_s": t_cached, "ttft_no_cache_s": t_plain}

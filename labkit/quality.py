@@ -2,7 +2,7 @@
 
     python -m labkit.quality [--max-tokens 16384] [--sample-tokens 32]
 
-Every variant is the shipped model (``labkit.model.load_default_model()``) with its linears stored
+Every variant is the shipped model (``labkit.checkpoint.load_default_model()``) with its linears stored
 another way; the embedding, the norms and the (tied) lm_head stay in fp32, as weight-only schemes
 usually keep them, and activations stay fp32, so the table isolates the error of the stored weights:
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (plain-torch dequantisation) or cuda (Triton kernels)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    from labkit.model import load_default_model
+    from labkit.checkpoint import load_default_model
 
     model, tokenizer = load_default_model()
     source = "shipped model data/model/"

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from labkit.config import LlamaConfig
-from labkit.model import LlamaForCausalLM, load_pretrained, save_pretrained
+from labkit.checkpoint import load_pretrained, save_pretrained
+from labkit.model import LlamaForCausalLM
 
 TINY = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)

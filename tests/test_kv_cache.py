@@ -5,7 +5,8 @@ import torch
 from labkit.config import LlamaConfig
 from labkit.generate import generate, sample_next
 from labkit.kv_cache import ContiguousCache
-from labkit.model import LlamaForCausalLM, load_default_model
+from labkit.checkpoint import load_default_model
+from labkit.model import LlamaForCausalLM
 
 PROMPTS = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome, clever, and rich,",
            "\"My dear Mr. Bennet,\" said his lady to him one day,", "Captain"]

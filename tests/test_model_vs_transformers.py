@@ -7,7 +7,7 @@ import torch
 import labkit  # noqa: F401
 from labkit.generate import generate
 from labkit.kv_cache import ContiguousCache
-from labkit.model import load_pretrained
+from labkit.checkpoint import load_pretrained
 
 transformers = pytest.importorskip("transformers")
 

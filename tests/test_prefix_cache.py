@@ -1,4 +1,5 @@
-"""Prefix caching (labkit.prefix_cache): hash chain, hits, LRU eviction, salts, parallel sampling."""
+"""Prefix caching (labkit.prefix_cache): hash chain, hits, LRU eviction, salts, parallel sampling; and the
+shared-system-prompt trace on the engine (labkit.prefix_sharing)."""
 from __future__ import annotations
 
 import random
@@ -8,15 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from labkit.paged import NoFreeBlocksError
-from labkit.prefix_cache import (
-    PrefillCostModel,
-    PrefixCachingBlockManager,
-    block_hashes,
-    hash_block,
-    make_shared_prompt_trace,
-    parallel_sampling_blocks,
-    replay_prefix_cache,
-)
+from labkit.prefix_cache import PrefixCachingBlockManager, block_hashes, hash_block, parallel_sampling_blocks
+from labkit.prefix_sharing import make_shared_prompt_trace, serve_shared_prompts
 
 
 def test_hash_chain_depends_on_everything_before():
@@ -129,13 +123,16 @@ def test_random_workload_never_leaks_and_cached_blocks_hold_their_tokens(seed, n
     assert bm.ref_count == [0] * num_blocks and bm.num_free_blocks == num_blocks
 
 
-def test_shared_system_prompts_trace_hit_rate_and_salt_cost():
-    trace = make_shared_prompt_trace(num_requests=120, seed=1)
-    cost = PrefillCostModel(1e-3, 1e-4)
-    plain = replay_prefix_cache(trace, num_blocks=128, block_size=16, cost=cost)
-    salted = replay_prefix_cache(trace, num_blocks=128, block_size=16, cost=cost, per_tenant_salt=True)
-    assert 0.5 < plain["hit_rate"] < 1 and plain["ttft_saved"] > 0.4
-    assert salted["hit_rate"] < plain["hit_rate"]  # per-tenant salt forfeits cross-tenant hits
+@pytest.mark.timeout(120)
+def test_shared_system_prompts_on_the_engine_hit_rate_ttft_and_salt_cost():
+    trace = make_shared_prompt_trace(num_requests=60, system_len=256, seed=1)
+    plain = serve_shared_prompts(trace, num_blocks=256, prefix_caching=False)
+    cached = serve_shared_prompts(trace, num_blocks=256)
+    salted = serve_shared_prompts(trace, num_blocks=256, per_tenant_salt=True)
+    assert plain["hit_rate"] == 0 and 0.5 < cached["hit_rate"] < 1
+    assert cached["prefill_tokens"] < 0.6 * plain["prefill_tokens"]
+    assert cached["mean_ttft_s"] < plain["mean_ttft_s"]
+    assert salted["hit_rate"] < cached["hit_rate"]  # per-tenant salt forfeits cross-tenant hits
 
 
 def test_parallel_sampling_shares_the_prompt():
@@ -156,7 +153,7 @@ def test_parallel_sampling_with_real_kv_and_copy_on_write_equals_independent_run
     from labkit.generate import generate, sample_next
     from labkit.model import LlamaForCausalLM
     from labkit.paged import BlockManager
-    from labkit.preemption import BlockKVCache
+    from labkit.engine.kv_store import AttentionMetadata, PagedKVStore
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -164,10 +161,15 @@ def test_parallel_sampling_with_real_kv_and_copy_on_write_equals_independent_run
     model = LlamaForCausalLM(cfg).eval()
     prompt = torch.randint(0, 128, (10,), generator=torch.Generator().manual_seed(1)).tolist()  # 2.5 blocks
     n, new = 3, 8
-    bm, kv = BlockManager(32, 4), BlockKVCache(cfg, 32, 4)
+    bm, kv = BlockManager(32, 4), PagedKVStore(cfg, 32, 4)
+
+    def bind(table, slots, seq_len):  # one sequence per forward: its new tokens at `slots`, reading `table`
+        kv.metadata = AttentionMetadata.build([len(slots)], [seq_len], [table], slots, "cpu", with_torch_path=True)
+        return kv
+
     with torch.no_grad():
         bm.allocate(0, len(prompt))
-        logits = model(torch.tensor([prompt]), cache=kv.bind(bm.block_table(0), bm.slot_mapping(0), len(prompt)))
+        logits = model(torch.tensor([prompt]), cache=bind(bm.block_table(0), bm.slot_mapping(0), len(prompt)))
         gens = [torch.Generator().manual_seed(i) for i in range(n)]
         outs = [[sample_next(logits[0, -1], 1.0, generator=gens[i])] for i in range(n)]
         for i in range(1, n):
@@ -180,7 +182,7 @@ def test_parallel_sampling_with_real_kv_and_copy_on_write_equals_independent_run
                 copies += len(pending)
                 kv.copy_blocks(pending)
                 pos = bm.num_tokens(i) - 1
-                kv.bind(bm.block_table(i), [slot], pos + 1)
+                bind(bm.block_table(i), [slot], pos + 1)
                 logits = model(torch.tensor([[outs[i][-1]]]), torch.tensor([[pos]]), cache=kv)
                 outs[i].append(sample_next(logits[0, -1], 1.0, generator=gens[i]))
                 last_logits[i] = logits[0, -1]

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from labkit.checkpoint import DEFAULT_MODEL_DIR
 from labkit.corpus import AUSTEN_DIR, DOC_SEPARATOR, load_text
 from labkit.evaluate import mean_loss
-from labkit.model import load_pretrained
+from labkit.checkpoint import load_pretrained
 
 SLICE_TOKENS = 4096  # the first 8 windows of the held-out chapters: ~2 s on a CPU
 

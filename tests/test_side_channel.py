@@ -1,16 +1,29 @@
-"""The prefix-cache timing side channel (labkit.side_channel) and isolation of freed blocks."""
+"""The prefix-cache timing side channel (labkit.side_channel) on the engine, and isolation of freed blocks."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import labkit  # noqa: F401
 from labkit.config import LlamaConfig
+from labkit.engine import EngineConfig, LLMEngine, SamplingParams
+from labkit.kv_quant import make_store, store_logits
 from labkit.model import LlamaForCausalLM
-from labkit.prefix_cache import PrefillCostModel, PrefixCachingBlockManager
-from labkit.preemption import Engine, Request
-from labkit.side_channel import roc_auc, roc_curve, run_attack
+from labkit.prefix_cache import PrefixCachingBlockManager
+from labkit.side_channel import PrefillCostModel, repeat_attack, roc_auc, roc_curve, run_attack
 
 COST = PrefillCostModel(overhead_s=2e-3, per_token_s=1e-4)  # fixed here, so the test is deterministic
+TINY = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is fastest, and on a shared machine more threads only make it slower."""
+    from labkit.side_channel import one_thread
+
+    with one_thread():
+        yield
 
 
 def test_roc_auc():
@@ -21,12 +34,28 @@ def test_roc_auc():
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
 
 
-def test_attack_works_on_a_shared_cache_and_fails_with_a_salt():
+def test_attack_on_the_engine_works_on_a_shared_cache_and_fails_with_a_salt():
     # 16 uncached tokens cost 1.6 ms; noise 0.5 ms: the hit is visible
     open_ = run_attack(300, salted=False, cost=COST, noise_s=5e-4, seed=0)
     salted = run_attack(300, salted=True, cost=COST, noise_s=5e-4, seed=0)
     assert open_["accuracy"] > 0.9 and open_["auc"] > 0.95
     assert abs(salted["accuracy"] - 0.5) < 0.08 and abs(salted["auc"] - 0.5) < 0.1
+    noisy = run_attack(300, salted=False, cost=COST, noise_s=2e-2, seed=0)  # noise 12x the signal
+    assert noisy["auc"] < 0.75
+
+
+def test_repeats_report_their_spread():
+    r = repeat_attack(3, 40, cost=COST, noise_s=1e-3)
+    assert len(r[False]["auc"]) == 3 and r[False]["min_auc"] <= r[False]["median_auc"] <= r[False]["max_auc"]
+    assert r[False]["median_auc"] > r[True]["median_auc"]
+
+
+@pytest.mark.timeout(120)
+def test_attack_with_real_cpu_timing_runs_on_the_engine():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(TINY).eval()
+    r = run_attack(6, clock="cpu", model=model, seed=1)
+    assert r["clock"] == "cpu" and len(r["scores"]) == 6 and (r["scores"] < 0).all()
 
 
 def test_salt_changes_what_the_probe_hits():
@@ -38,10 +67,16 @@ def test_salt_changes_what_the_probe_hits():
     assert len(bm.match_prefix(secret + [5], cache_salt="victim")) == 3
 
 
-TINY = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+def test_bad_attack_arguments():
+    with pytest.raises(ValueError, match="PrefillCostModel"):
+        run_attack(10)
+    with pytest.raises(ValueError, match="model"):
+        run_attack(10, clock="cpu")
+    with pytest.raises(ValueError, match="clock"):
+        run_attack(10, clock="gpu", cost=COST)
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("prefix_caching", [False, True])
 def test_freed_blocks_poisoned_with_nan_are_never_read(prefix_caching):
     """After every step, fill every free block (that no prefix-cache hash names) with NaN. Later
@@ -50,48 +85,44 @@ def test_freed_blocks_poisoned_with_nan_are_never_read(prefix_caching):
     model = LlamaForCausalLM(TINY).eval()
     g = torch.Generator().manual_seed(3)
     shared = torch.randint(0, 128, (8,), generator=g).tolist()
+    g2 = torch.Generator().manual_seed(4)
+    prompts = [shared + torch.randint(0, 128, (3 + i,), generator=g2).tolist() for i in range(6)]
+    params = SamplingParams(max_tokens=10)
 
-    def requests():
-        g2 = torch.Generator().manual_seed(4)
-        return [Request(i, shared + torch.randint(0, 128, (3 + i,), generator=g2).tolist(), 10, arrival_s=0.0)
-                for i in range(6)]
+    def serve(cfg, poison):
+        engine = LLMEngine(model, cfg, eos_token_ids=())
+        seqs = [engine.add_request(p, params) for p in prompts]
+        store, bm = engine.runner.store, engine.block_manager
+        poisoned, reused = set(), set()
+        while engine.has_unfinished():
+            engine.step()
+            if not poison:
+                continue
+            for s in engine.scheduler.running:
+                reused.update(poisoned & set(s.block_table))
+            hashed = bm.bm.block_hash
+            free = [b for b in range(bm.num_blocks) if bm.ref_count[b] == 0 and b not in hashed]
+            store.k_cache[:, free] = float("nan")
+            store.v_cache[:, free] = float("nan")
+            poisoned.update(free)
+        return [s.output_token_ids for s in seqs], reused
 
-    fresh = {r.req_id: r.output_ids for r in Engine(model, num_blocks=128, block_size=4).run(requests())}
-    engine = Engine(model, num_blocks=10, block_size=4, prefix_caching=prefix_caching, max_num_seqs=3)
-    for r in requests():
-        engine.add(r)
-    poisoned, reused = set(), set()
-    while engine.waiting or engine.running or engine.swapped:
-        engine.step()
-        for r in engine.running:
-            reused.update(poisoned & set(engine.bm.block_table(r.req_id)))
-        hashed = getattr(engine.bm, "block_hash", {})
-        free = [b for b in range(engine.bm.num_blocks) if engine.bm.ref_count[b] == 0 and b not in hashed]
-        engine.kv.k[:, free] = float("nan")
-        engine.kv.v[:, free] = float("nan")
-        poisoned.update(free)
-        for r in engine.running:  # every live token's K/V is finite
-            slots = torch.tensor(engine.bm.slot_mapping(r.req_id))
-            assert torch.isfinite(engine.kv.k.flatten(1, 2)[:, slots]).all()
-    out = {r.req_id: r.output_ids for r in engine.finished}
+    fresh, _ = serve(EngineConfig(num_blocks=128, block_size=4), poison=False)
+    out, reused = serve(EngineConfig(num_blocks=10, block_size=4, enable_prefix_caching=prefix_caching,
+                                     max_num_seqs=3), poison=True)
     assert len(reused) >= 3, "the test must make later requests reuse poisoned blocks"
     assert out == fresh
 
 
-def test_paged_cache_never_reads_poisoned_freed_slots():
-    from labkit.paged_cache import PagedCache
-
+def test_store_never_reads_poisoned_slots_of_a_partial_block():
     torch.manual_seed(0)
     model = LlamaForCausalLM(TINY).eval()
-    ids = torch.randint(0, TINY.vocab_size, (1, 6))
+    x = torch.randint(0, TINY.vocab_size, (1, 6))  # 2 blocks of 4: the second holds 2 tokens, 2 slots unused
     with torch.no_grad():
-        fresh = model(ids, cache=PagedCache(TINY, num_blocks=8, block_size=4, backend="torch"))
-        cache = PagedCache(TINY, num_blocks=8, block_size=4, backend="torch")
-        model(torch.randint(0, TINY.vocab_size, (1, 9)), cache=cache)  # sequence 0 takes 3 blocks
-        cache.free(0)
-        free = [b for b in range(8) if cache.block_manager.ref_count[b] == 0]
-        cache.k_cache[:, free] = float("nan")
-        cache.v_cache[:, free] = float("nan")
-        out = model(ids, cache=cache)  # sequence 0 again: reuses the poisoned blocks, 2 of 8 slots unused
+        fresh = store_logits(model, make_store(TINY, 8, 4, "auto"), x)
+        store = make_store(TINY, 8, 4, "auto")
+        store.k_cache[:] = float("nan")
+        store.v_cache[:] = float("nan")
+        out = store_logits(model, store, x)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, fresh)

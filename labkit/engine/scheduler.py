@@ -54,7 +54,19 @@ class SchedulerOutput:
         return bool(self.scheduled) and all(s.num_new_tokens == 1 and s.samples for s in self.scheduled)
 
 
+def preempt_by_recompute(seq: Sequence, block_manager: EngineBlockManager, waiting: deque) -> None:
+    """Drop ``seq``'s K/V and queue it again: readmission prefills prompt + output so far (FCFS order kept)."""
+    block_manager.free(seq)
+    seq.num_computed_tokens = 0
+    seq.status = SequenceStatus.WAITING
+    waiting.appendleft(seq)
+    Scheduler._sort(waiting)
+
+
 class Scheduler:
+    choose_victim = staticmethod(policies.choose_victim)  # replaceable: notebook 07's exercise plugs in its own
+    preempt_by_recompute = staticmethod(preempt_by_recompute)
+
     def __init__(self, config: EngineConfig, max_model_len: int):
         self.config, self.max_model_len = config, max_model_len
         self.block_manager = EngineBlockManager(
@@ -84,7 +96,7 @@ class Scheduler:
             if n == 0:
                 continue
             while bm.blocks_to_append(seq, n) > bm.num_free_blocks:
-                victim = policies.choose_victim(queue + [seq])
+                victim = self.choose_victim(queue + [seq])
                 self._preempt(victim, out)
                 if victim is seq:
                     break
@@ -151,11 +163,7 @@ class Scheduler:
             self.swapped.append(seq)
             self._sort(self.swapped)
             return
-        bm.free(seq)  # recompute: its K/V are dropped; readmission prefills prompt + output again
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self._sort(self.waiting)
+        self.preempt_by_recompute(seq, bm, self.waiting)
 
     @staticmethod
     def _sort(q: deque) -> None:

@@ -32,3 +32,23 @@ class SimulatedRunner:
         self.last_step_seconds = seconds
         return {s.seq.seq_id: (s.seq.seq_id * 7919 + s.seq.num_tokens) % self.vocab_size
                 for s in out.scheduled if s.samples}
+
+
+
+def recorded_gpu_runner(block_size: int, swap_bytes_per_s: float | None = None, data: dict | None = None):
+    """``(runner, model_config)`` for the recorded roofline (``data/bench/roofline.json``): a SimulatedRunner on
+    the cost model of the shape it was measured on (Llama-3-8B layers on an H200, bf16), and that shape as a
+    LlamaConfig for ``LLMEngine(runner=..., model_config=...)``. A swapped block moves that shape's bf16 K/V of
+    every layer: ``kv_bytes_per_token(2) * block_size`` bytes."""
+    from labkit.bench import load
+    from labkit.config import LlamaConfig
+
+    data = load("roofline") if data is None else data
+    s = data["shapes"]
+    config = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                         intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_hidden_layers"],
+                         num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
+                         head_dim=s["head_dim"], max_position_embeddings=8192)
+    runner = SimulatedRunner(StepCostModel.from_roofline(data), config.vocab_size,
+                             bytes_per_block=config.kv_bytes_per_token(2) * block_size, swap_bytes_per_s=swap_bytes_per_s)
+    return runner, config

@@ -32,13 +32,13 @@ class Exercise:
     reference: Callable
     make_inputs: Callable[[torch.Generator], tuple]
     spec: str = ""
+    # A function that plugs into the package (the learner's append_slot inside a block manager, their
+    # choose_victim inside the engine) is driven by harness(fn, *inputs), which returns what to compare.
+    harness: Callable | None = None
     compare: str = "exact"  # "exact" (==, torch.equal for tensors) or "allclose"
     atol: float = 1e-5
     rtol: float = 1e-4
     trials: int = 20
-    # Optional: run the function inside a bigger machine and return what to compare, e.g. drive the engine
-    # with the learner's step function and return every request's tokens: harness(fn, *inputs) -> data.
-    harness: Callable | None = None
     hints: tuple[str, ...] = ()  # shown one at a time by labkit.progress.hint(name)
 
 
@@ -77,18 +77,35 @@ def _show(x: Any, limit: int = 300) -> str:
     return s if len(s) <= limit else s[:limit] + " ..."
 
 
+def _first_difference(a: Any, b: Any, ex: Exercise, path: str = "") -> tuple[str, Any, Any]:
+    """Where two outputs first differ: (path like "['ref_count'][3]", yours there, expected there)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(b) + [k for k in a if k not in b]:
+            if k not in a or k not in b:
+                return f"{path}[{k!r}]", a.get(k, "(nothing)"), b.get(k, "(nothing)")
+            if not _same(a[k], b[k], ex):
+                return _first_difference(a[k], b[k], ex, f"{path}[{k!r}]")
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if not _same(x, y, ex):
+                return _first_difference(x, y, ex, f"{path}[{i}]")
+    return path, a, b
+
+
 def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
     """(passed, message). Inputs are drawn afresh for each trial; each side gets its own copy."""
     import copy
 
     gen = torch.Generator().manual_seed(seed)
+    call = (lambda f, a: ex.harness(f, *a)) if ex.harness is not None else (lambda f, a: f(*a))
     for trial in range(ex.trials):
         args = ex.make_inputs(gen)
-        run = (lambda f, a: ex.harness(f, *a)) if ex.harness is not None else (lambda f, a: f(*a))
-        expected = run(ex.reference, copy.deepcopy(args))
-        got = run(fn, copy.deepcopy(args))
+        expected = call(ex.reference, copy.deepcopy(args))
+        got = call(fn, copy.deepcopy(args))
         if not _same(got, expected, ex):
-            return False, (f"mismatch on trial {trial + 1}/{ex.trials}\n  inputs:   {_show(args)}\n"
+            where, mine, theirs = _first_difference(got, expected, ex)
+            detail = f"\n  first difference at {where}: yours {_show(mine)}, expected {_show(theirs)}" if where else ""
+            return False, (f"mismatch on trial {trial + 1}/{ex.trials}{detail}\n  inputs:   {_show(args)}\n"
                            f"  yours:    {_show(got)}\n  expected: {_show(expected)}")
     return True, f"correct: matched the reference on {ex.trials} random inputs"
 

@@ -11,11 +11,27 @@ def block_hash_chain(token_ids, block_size, salt):
     return hashes
 
 
-def blocks_to_copy(num_tokens, block_size, parent_appends, child_appends):
-    # Only a partial last block is ever written again, and only a shared one is copied.
-    last_is_partial = num_tokens % block_size != 0
-    if not last_is_partial or child_appends == 0:
-        return []
-    if parent_appends > 0:
-        return []  # the parent wrote first and took a private copy: the child now holds the original alone
-    return [num_tokens // block_size]
+def append_slot(seq, allocator, copies):
+    bs = seq.block_size
+    if seq.num_tokens % bs == 0:  # no block yet, or the last one is full: a fresh block
+        seq.block_table.append(allocator.allocate())  # raises NoFreeBlocksError before anything changed
+    else:
+        last = seq.block_table[-1]
+        if allocator.ref_count[last] > 1:  # partial and shared: copy-on-write
+            new = allocator.allocate()
+            allocator.free(last)  # one reference fewer; the other holders keep it
+            seq.block_table[-1] = new
+            copies.append((last, new))
+    seq.num_tokens += 1
+    pos = seq.num_tokens - 1
+    return seq.block_table[pos // bs] * bs + pos % bs
+
+
+def match_prefix(token_ids, block_size, cached, salt):
+    hit, parent = [], None
+    for i in range((len(token_ids) - 1) // block_size):  # full blocks, never the one with the last token
+        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], salt)
+        if parent not in cached:
+            break
+        hit.append(cached[parent])
+    return hit
