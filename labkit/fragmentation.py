@@ -91,11 +91,17 @@ def run(cache: str = "contiguous", trace: str | Trace = "sharegpt", reserve: str
 
 
 def block_size_sweep(trace: Trace, block_sizes=(1, 4, 16, 64, 256), pool_tokens: int = 32768,
-                     max_num_seqs: int = 256) -> list[dict]:
-    """Paged pool at each block size on the same trace: useful share and where the rest went."""
+                     max_num_seqs: int = 256, done: dict[int, PoolHistory] | None = None) -> list[dict]:
+    """Paged pool at each block size on the same trace: useful share and where the rest went. ``done``:
+    runs of this trace and pool already made, by block size (not served again)."""
     rows = []
     for bs in block_sizes:
-        sim = replay(trace, engine_config("paged", pool_tokens, block_size=bs, max_num_seqs=max_num_seqs))
+        sim = (done or {}).get(bs)
+        if sim is None:
+            sim = replay(trace, engine_config("paged", pool_tokens, block_size=bs, max_num_seqs=max_num_seqs))
+        elif sim.capacity != pool_tokens // bs * bs or sim.block_size != bs:
+            raise ValueError(f"the run given for block size {bs} is {sim.pool_name} with {sim.capacity} slots, "
+                             f"not a paged pool of {pool_tokens} slots in blocks of {bs}")
         rows.append({"block_size": bs, **sim.shares(), "preemptions": sim.num_preemptions,
                      "duration_s": float(sim.step_end_s[-1])})
     return rows

@@ -207,21 +207,25 @@ def sweep_users(make_engine, requests, servers=SERVERS, users=(1, 2, 4, 8), requ
                 min_requests: int = 1, repeats: int = 1) -> list[dict]:
     """Closed-loop serving for each server and number of concurrent users, ``repeats`` times each on a fresh
     engine (``make_engine(server)``), the first ``max(requests_per_user * users, min_requests)`` of
-    ``requests``. One row per (server, users): the median of every summary number, and for throughput also
-    ``throughput_lo`` / ``throughput_hi`` (the smallest and largest of the repeats) and every repeat's value."""
+    ``requests``. The repeats are the outer loop, so a machine that slows down or speeds up meanwhile affects
+    every setting alike. One row per (server, users): the median of every summary number, and for throughput
+    also ``throughput_lo`` / ``throughput_hi`` (the smallest and largest of the repeats) and every repeat's value."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    rows = []
-    for server in servers:
-        for n in users:
+    settings = [(server, n) for server in servers for n in users]
+    runs: dict = {key: [] for key in settings}
+    for _ in range(repeats):
+        for server, n in settings:
             chosen = list(requests)[:max(requests_per_user * n, min_requests)]
-            runs = [serve(make_engine(server), chosen, users=n).summary() for _ in range(repeats)]
-            row = {"server": server, "users": n, "repeats": repeats}
-            for key in runs[0]:
-                row[key] = float(np.median([r[key] for r in runs]))
-            tput = [r["throughput_tok_s"] for r in runs]
-            row.update(throughput_lo=min(tput), throughput_hi=max(tput), throughput_runs=tput)
-            rows.append(row)
+            runs[(server, n)].append(serve(make_engine(server), chosen, users=n).summary())
+    rows = []
+    for (server, n), done in runs.items():
+        row = {"server": server, "users": n, "repeats": repeats}
+        for key in done[0]:
+            row[key] = float(np.median([r[key] for r in done]))
+        tput = [r["throughput_tok_s"] for r in done]
+        row.update(throughput_lo=min(tput), throughput_hi=max(tput), throughput_runs=tput)
+        rows.append(row)
     return rows
 
 

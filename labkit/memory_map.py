@@ -174,7 +174,8 @@ def useful_over_time_figure(sims: dict[str, PoolHistory], max_points: int = 800)
         steps = np.arange(0, sim.num_steps, every)
         fig.add_trace(go.Scatter(x=np.round(sim.step_end_s[steps], 3), y=np.round(
             100 * sim.counts["used"][steps] / sim.capacity, 2), name=label, mode="lines"))
-    fig.update_layout(height=340, xaxis_title="time (s of simulated GPU serving)", yaxis_title="% of pool holding tokens",
+    fig.update_layout(height=340, xaxis_title="time (s of simulated GPU serving)",
+                      yaxis_title="% of pool holding tokens",
                       yaxis_range=[0, 100], title="Useful share of the KV pool over time (simulated)")
     return fig
 

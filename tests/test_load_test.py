@@ -1,13 +1,12 @@
 """Notebook 03 on the engine: batching never changes a request's tokens; the servers schedule as they claim;
 the load test's closed loop and metrics are right; the step-cost model follows its recording; the figures
 and the explorer respond to their controls."""
-import numpy as np
 import pytest
 import torch
 
 import labkit  # noqa: F401
 from labkit.config import LlamaConfig
-from labkit.engine import EngineConfig, LLMEngine, SamplingParams
+from labkit.engine import LLMEngine, SamplingParams
 from labkit.engine.model_runner import ModelRunner
 from labkit.figures.batching import BatchExplorer, occupancy_figure, roofline_figure, roofline_summary, users_figure
 from labkit.generate import generate

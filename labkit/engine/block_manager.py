@@ -30,11 +30,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from labkit.engine.config import RESERVE
 from labkit.engine.sequence import Sequence
 from labkit.paged import BlockAllocator, NoFreeBlocksError, SequenceBlocks, blocks_needed
 from labkit.prefix_cache import PrefixCachingBlockManager
-
-RESERVE = ("max_new_tokens", "max_len", "oracle")
 
 
 class EngineBlockManager:

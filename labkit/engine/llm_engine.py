@@ -123,9 +123,9 @@ class LLMEngine:
                        cache_salt=cache_salt, eos_token_ids=self.eos_token_ids)
         reserve = self.block_manager.blocks_to_reserve(seq)  # contiguous: the reservation must fit the pool
         if reserve > self.config.num_blocks:
-            raise ValueError(f"request {request_id!r} reserves {reserve} blocks (reserve={self.config.reserve!r}), but the "
-                             f"KV pool has {self.config.num_blocks}: it could never be admitted. Give the pool more "
-                             "blocks, lower max_tokens or max_model_len, or reserve less.")
+            raise ValueError(f"request {request_id!r} reserves {reserve} blocks (reserve={self.config.reserve!r}), but "
+                             f"the KV pool has {self.config.num_blocks}: it could never be admitted. Give the pool "
+                             "more blocks, lower max_tokens or max_model_len, or reserve less.")
         self.requests[request_id] = seq
         if seq.arrival_s > now:
             self.pending.append(seq)

@@ -71,8 +71,8 @@ def users_figure(rows: list[dict], title: str, log_y: bool = False, reference: l
         if ref:
             rx = [r["users"] for r in ref]
             thin = dict(color=COLORS[server], dash="dash", width=1)
-            fig.add_scatter(x=rx, y=[r["throughput_tok_s"] for r in ref], line=thin, name=f"{server} ({reference_note})",
-                            mode="lines", row=1, col=1)
+            fig.add_scatter(x=rx, y=[r["throughput_tok_s"] for r in ref], line=thin, mode="lines",
+                            name=f"{server} ({reference_note})", row=1, col=1)
             fig.add_scatter(x=rx, y=[r["latency_p50_s"] for r in ref], line=thin, mode="lines", showlegend=False,
                             row=1, col=2)
             fig.add_scatter(x=rx, y=[r["ttft_p50_s"] for r in ref], line=thin, mode="lines", showlegend=False,
@@ -97,7 +97,8 @@ def roofline_figure(roof: dict, note: str) -> go.Figure:
     fig.add_scatter(x=M, y=[r["median_ms"] for r in mm], mode="lines+markers", name="layer matmuls (measured)",
                     line_color="black", row=1, col=1)
     fig.add_scatter(x=M, y=np.array([r["bytes"] for r in mm]) / (bw * 1e9) * 1e3,
-                    name="memory ceiling: bytes / copy bandwidth", line=dict(dash="dash", color="#2ca02c"), row=1, col=1)
+                    name="memory ceiling: bytes / copy bandwidth", line=dict(dash="dash", color="#2ca02c"),
+                    row=1, col=1)
     fig.add_scatter(x=M, y=np.array([r["flops"] for r in mm]) / (rate * 1e12) * 1e3,
                     name="compute ceiling: FLOPs / matmul rate", line=dict(dash="dash", color="#9467bd"), row=1, col=1)
     attn = rows("decode_attention")
@@ -108,8 +109,8 @@ def roofline_figure(roof: dict, note: str) -> go.Figure:
     fig.add_scatter(x=[r["flops"] / r["bytes"] for r in mm], y=[r["tflops"] for r in mm], mode="lines+markers",
                     line_color="black", showlegend=False, row=1, col=2)
     grid = np.logspace(0, 4, 50)
-    fig.add_scatter(x=grid, y=np.minimum(rate, grid * bw * 1e9 / 1e12), name="roofline min(rate, intensity × bandwidth)",
-                    line=dict(dash="dash", color="grey"), row=1, col=2)
+    fig.add_scatter(x=grid, y=np.minimum(rate, grid * bw * 1e9 / 1e12), line=dict(dash="dash", color="grey"),
+                    name="roofline min(rate, intensity × bandwidth)", row=1, col=2)
     fig.update_xaxes(type="log", title_text="tokens in the step (decode batch)", row=1, col=1)
     fig.update_yaxes(type="log", title_text="ms per layer", row=1, col=1)
     fig.update_xaxes(type="log", title_text="FLOP per byte", row=1, col=2)
@@ -149,8 +150,8 @@ class BatchExplorer:
 
         self.run, self.note = run, note
         self.server = W.Dropdown(options=SERVERS, value=server, description="server")
-        self.users = W.SelectionSlider(options=list(users_options), value=users or users_options[len(users_options) // 2],
-                                       description="users")
+        users = users or users_options[len(users_options) // 2]
+        self.users = W.SelectionSlider(options=list(users_options), value=users, description="users")
         self.out = W.Output()
         for w in (self.server, self.users):
             w.observe(lambda _change: self.update(), names="value")
