@@ -33,6 +33,8 @@ class Exercise:
     make_inputs: Callable[[torch.Generator], tuple]
     spec: str = ""
     compare: str = "exact"  # "exact" (==, torch.equal for tensors) or "allclose"
+    adapt: Callable | None = None  # learner's object -> the function compared (e.g. a class -> run ops on it)
+    explain: Callable | None = None  # (inputs, yours, expected) -> what differs, in words (default: show both)
     atol: float = 1e-5
     rtol: float = 1e-4
     trials: int = 20
@@ -78,11 +80,14 @@ def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
     import copy
 
     gen = torch.Generator().manual_seed(seed)
+    run = ex.adapt(fn) if ex.adapt is not None else fn
     for trial in range(ex.trials):
         args = ex.make_inputs(gen)
         expected = ex.reference(*copy.deepcopy(args))
-        got = fn(*copy.deepcopy(args))
+        got = run(*copy.deepcopy(args))
         if not _same(got, expected, ex):
+            if ex.explain is not None:
+                return False, f"mismatch on trial {trial + 1}/{ex.trials}\n{ex.explain(args, got, expected)}"
             return False, (f"mismatch on trial {trial + 1}/{ex.trials}\n  inputs:   {_show(args)}\n"
                            f"  yours:    {_show(got)}\n  expected: {_show(expected)}")
     return True, f"correct: matched the reference on {ex.trials} random inputs"
