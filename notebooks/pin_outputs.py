@@ -1,4 +1,5 @@
-"""Store the reference outputs of the cells marked ``# NBVAL_CHECK_OUTPUT``; clear every other output.
+"""Store the reference outputs of the pinned cells (cell tag ``nbval-check-output``, or the older comment
+``# NBVAL_CHECK_OUTPUT``); clear every other output.
 
 nbval compares a marked cell's new output with the output stored in the notebook, so a marked cell
 with nothing stored checks nothing. Notebooks are committed without outputs except these few pinned,
@@ -13,6 +14,7 @@ import nbformat
 from nbclient import NotebookClient
 
 MARK = "NBVAL_CHECK_OUTPUT"
+TAG = "nbval-check-output"  # nbval reads it from the cell's metadata; learners never see it
 
 
 def pin(path: str) -> int:
@@ -25,7 +27,7 @@ def pin(path: str) -> int:
         if cell.cell_type != "code":
             continue
         cell.metadata.pop("execution", None)
-        if MARK in cell.source:  # nbval treats a cell with outputs but no execution count as never run
+        if MARK in cell.source or TAG in cell.metadata.get("tags", []):  # nbval treats a cell with outputs but no execution count as never run
             pinned += 1
         else:
             cell.execution_count = None
