@@ -168,3 +168,14 @@ def test_admission_keeps_the_watermark_free_except_in_an_empty_pool():
     assert can_admit(89, 99, num_running=1, watermark_blocks=10, max_num_seqs=8)  # 10 left
     assert not can_admit(90, 99, num_running=1, watermark_blocks=10, max_num_seqs=8)  # 9 left
     assert not can_admit(1, 99, num_running=8, watermark_blocks=0, max_num_seqs=8)  # no batch slot
+
+
+def test_a_request_waits_for_a_gap_large_enough_not_just_enough_free_blocks():
+    # 12 slots, oracle reservations (prompt + output - 1): A [0, 4) for 1 step, B [4, 10) for 6, C [10, 12) for 2.
+    # D needs 5: after C leaves 6 slots are free, but in gaps of 4 and 2, so D waits until B has left
+    reqs = [req(0, 4, 1), req(1, 1, 6), req(2, 1, 2), req(3, 3, 3)]
+    sim = replay(trace_of(*reqs, max_len=12), engine_config("contiguous", 12, reserve="oracle"))
+    stays = {r.req_id: r for r in sim.residencies}
+    assert [stays[i].blocks_at(0)[0] for i in range(3)] == [0, 4, 10]
+    assert stays[2].end_step < stays[1].end_step < stays[3].admit_step
+    assert sim.counts["external"][stays[2].end_step + 1] == 6  # free, but useless to D
