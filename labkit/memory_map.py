@@ -9,8 +9,10 @@
                                      recorded_kernel_times() reads data/bench/paged_attention.json)
     MemoryMapExplorer, BlockMapExplorer   ipywidgets controls; ``update()`` redraws and can be called directly
 
-Every map is rebuilt from a :class:`labkit.memory_pool.Simulation` (its residencies say which request
-held which addresses when), so a figure never disagrees with the numbers the simulation printed.
+Every map is rebuilt from a :class:`labkit.pool_history.PoolHistory`, the engine's own per-step accounting
+(its residencies say which request held which blocks when, and how many slots it filled), so a figure
+never disagrees with the numbers the run printed. Block ids are addresses: block b holds slots
+``b * block_size ... (b + 1) * block_size - 1``.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from labkit.memory_pool import CATEGORIES, Simulation
+from labkit.pool_history import CATEGORIES, PoolHistory
 
-STATE_COLORS = {  # one colour per labkit.memory_pool.CATEGORIES entry, in that order
+STATE_COLORS = {  # one colour per labkit.pool_history.CATEGORIES entry, in that order
     "used": "#1f77b4",
     "reserved": "#9ecae1",
     "internal": "#ff7f0e",
@@ -34,9 +36,9 @@ EXTERNAL_CODE = CATEGORIES.index("external")
 
 
 # ---------------------------------------------------------------------------------------------
-# Rebuilding the pool's contents from a simulation
+# Rebuilding the pool's contents from the engine's accounting
 # ---------------------------------------------------------------------------------------------
-def pool_contents(sim: Simulation, steps) -> tuple[np.ndarray, np.ndarray]:
+def pool_contents(sim: PoolHistory, steps) -> tuple[np.ndarray, np.ndarray]:
     """(state, owner), each (len(steps), capacity): the category code (index into CATEGORIES) and the
     owning request id (-1 for none) of every slot after each of ``steps``."""
     steps = np.asarray(steps, dtype=np.int64)
@@ -44,21 +46,16 @@ def pool_contents(sim: Simulation, steps) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("pool_contents needs steps in increasing order")
     state = np.full((len(steps), sim.capacity), FREE_CODE, dtype=np.int8)
     owner = np.full((len(steps), sim.capacity), -1, dtype=np.int32)
+    bs = sim.block_size
     for res in sim.residencies:
-        end = sim.num_steps - 1 if res.end_step is None else res.end_step
-        lo, hi = np.searchsorted(steps, [res.admit_step, end + 1])
+        lo, hi = np.searchsorted(steps, [res.admit_step, res.end_step + 1])
         for i in range(lo, hi):
             t = int(steps[i])
             n = res.tokens_at(t)
-            if res.address is not None:  # contiguous: one range [address, address + reserved)
-                pos = np.arange(res.reserved)
-                addr = res.address + pos
-            else:  # paged: the blocks taken so far, logical block j at physical block b
-                blocks = [b for b, taken in res.blocks if taken <= t]
-                bs = sim.block_size
-                pos = (np.arange(len(blocks))[:, None] * bs + np.arange(bs)[None, :]).ravel()
-                addr = (np.asarray(blocks)[:, None] * bs + np.arange(bs)[None, :]).ravel()
-            state[i, addr] = np.where(pos < n, 0, np.where(pos < res.total_len, 1, 2))  # used/reserved/internal
+            blocks = np.asarray(res.blocks_at(t), dtype=np.int64)  # logical block j at physical block blocks[j]
+            pos = (np.arange(len(blocks))[:, None] * bs + np.arange(bs)[None, :]).ravel()
+            addr = (blocks[:, None] * bs + np.arange(bs)[None, :]).ravel()
+            state[i, addr] = np.where(pos < n, 0, np.where(pos < res.final_len, 1, 2))  # used/reserved/internal
             owner[i, addr] = res.req_id
     # contiguous: free gaps too small for the first waiting request are external fragmentation
     for i, t in enumerate(steps):
@@ -108,7 +105,7 @@ def _lighten(hex_color: str, amount: float = 0.65) -> str:
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-def memory_map_figure(sim: Simulation, step: int | None = None, color_by: str = "state", time_bins: int = 200,
+def memory_map_figure(sim: PoolHistory, step: int | None = None, color_by: str = "state", time_bins: int = 200,
                       addr_bins: int = 128, snapshot_cols: int = 64, title: str | None = None) -> go.Figure:
     """Left: the pool over time (y = slot address, x = step), each cell the majority of its slots.
     Right: the whole pool after ``step``, wrapped into rows of ``snapshot_cols`` cells (read it like text).
@@ -150,12 +147,12 @@ def memory_map_figure(sim: Simulation, step: int | None = None, color_by: str = 
     fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=2)
     fig.update_xaxes(title_text="step", row=1, col=1)
     fig.update_layout(height=480, margin=dict(t=90), legend=dict(orientation="h", y=-0.15),
-                      title=dict(text=(title or f"{sim.pool_name}: {sim.capacity} token slots (simulated)")
-                                 + f"<br><sup>step {step}: {line}</sup>"))
+                      title=dict(text=(title or f"{sim.pool_name}: {sim.capacity} token slots (engine, simulated "
+                                                "GPU time)") + f"<br><sup>step {step}: {line}</sup>"))
     return fig
 
 
-def where_memory_went_figure(sims: dict[str, Simulation], window: str = "saturated") -> go.Figure:
+def where_memory_went_figure(sims: dict[str, PoolHistory], window: str = "saturated") -> go.Figure:
     """One stacked bar per pool: mean share of slots in each category over the ``window`` steps."""
     labels = list(sims)
     fig = go.Figure()
@@ -169,34 +166,34 @@ def where_memory_went_figure(sims: dict[str, Simulation], window: str = "saturat
     return fig
 
 
-def useful_over_time_figure(sims: dict[str, Simulation], max_points: int = 800) -> go.Figure:
-    """Share of the pool that holds a token, per step, for each pool."""
+def useful_over_time_figure(sims: dict[str, PoolHistory], max_points: int = 800) -> go.Figure:
+    """Share of the pool that holds a token, per step, for each pool, against the engine's clock."""
     fig = go.Figure()
     for label, sim in sims.items():
         every = -(-sim.num_steps // max_points)  # keep the figure light: at most max_points per line
         steps = np.arange(0, sim.num_steps, every)
-        fig.add_trace(go.Scatter(x=np.round(steps * sim.step_time_s, 3), y=np.round(
+        fig.add_trace(go.Scatter(x=np.round(sim.step_end_s[steps], 3), y=np.round(
             100 * sim.counts["used"][steps] / sim.capacity, 2), name=label, mode="lines"))
-    fig.update_layout(height=340, xaxis_title="time (s of simulated serving)", yaxis_title="% of pool holding tokens",
+    fig.update_layout(height=340, xaxis_title="time (s of simulated GPU serving)",
+                      yaxis_title="% of pool holding tokens",
                       yaxis_range=[0, 100], title="Useful share of the KV pool over time (simulated)")
     return fig
 
 
-def block_map_figure(sim: Simulation, step: int, cols: int = 8) -> go.Figure:
+def block_map_figure(sim: PoolHistory, step: int, cols: int = 8, title: str | None = None) -> go.Figure:
     """Paged: physical blocks (left, ``cols`` per row) coloured by owning request, each labelled with its
     block id and fill; right, the block table of every request in the pool at ``step``."""
-    if sim.block_size is None:
-        raise ValueError("block_map_figure needs a paged simulation (sim.block_size is None)")
-    bs, num_blocks = sim.block_size, sim.capacity // sim.block_size
+    if sim.allocation != "paged":
+        raise ValueError(f"block_map_figure needs a paged pool; this one is {sim.pool_name}")
+    bs, num_blocks = sim.block_size, sim.num_blocks
     owner = np.full(num_blocks, -1)
     fill = np.zeros(num_blocks, dtype=np.int64)
     tables = []
     for res in sim.residencies:
-        end = sim.num_steps - 1 if res.end_step is None else res.end_step
-        if not res.admit_step <= step <= end:
+        if not res.admit_step <= step <= res.end_step:
             continue
         n = res.tokens_at(step)
-        table = [b for b, taken in res.blocks if taken <= step]
+        table = res.blocks_at(step)
         for j, b in enumerate(table):
             owner[b], fill[b] = res.req_id, min(bs, n - j * bs)
         tables.append((res.req_id, n, table))
@@ -226,7 +223,7 @@ def block_map_figure(sim: Simulation, step: int, cols: int = 8) -> go.Figure:
     fig.update_xaxes(title_text="logical block", dtick=1, row=1, col=2)
     used, cap = int(sim.counts["used"][step]), sim.capacity
     fig.update_layout(height=120 + 42 * max(rows, len(tables)), title=(
-        f"Paged pool after step {step} (simulated): {used}/{cap} slots hold tokens, "
+        f"{title or 'Paged pool'} at step {step}: {used}/{cap} slots hold tokens, "
         f"{int(np.count_nonzero(owner >= 0))}/{num_blocks} blocks in use"))
     return fig
 
@@ -257,9 +254,16 @@ def recorded_kernel_times(name: str = "paged_attention") -> tuple[dict | None, s
     return kernel, kernel["_source"]
 
 
+def kernel_time_spread(kernel: dict) -> float:
+    """Largest relative spread of one kernel's time across block sizes: (slowest - fastest) / fastest."""
+    spreads = [max(t.values()) / min(t.values()) - 1 for impl, t in kernel.items() if not impl.startswith("_") and t]
+    return max(spreads, default=0.0)
+
+
 def block_size_sweep_figure(rows: list[dict], kernel: dict | None = None, missing: str | None = None) -> go.Figure:
     """Waste against block size (from ``fragmentation.block_size_sweep``); kernel timings on a second
-    axis when ``kernel`` (``{impl: {block_size: ms}, "_source": ...}``) is given, else ``missing`` says why not."""
+    axis when ``kernel`` (``{impl: {block_size: ms}, "_source": ...}``) is given, else ``missing`` says why not.
+    The kernel axis starts at zero, so a change of a few percent looks like one (not like a cliff)."""
     bs = [str(r["block_size"]) for r in rows]
     fig = make_subplots(specs=[[{"secondary_y": kernel is not None}]])
     fig.add_trace(go.Bar(x=bs, y=[100 * (r["reserved"] + r["internal"]) for r in rows], name="held but empty",
@@ -272,10 +276,13 @@ def block_size_sweep_figure(rows: list[dict], kernel: dict | None = None, missin
             xs = [b for b in bs if int(b) in times]
             fig.add_trace(go.Scatter(x=xs, y=[times[int(b)] for b in xs], name=f"{impl} (ms)", mode="lines+markers"),
                           secondary_y=True)
-        fig.update_yaxes(title_text="kernel time (ms)", secondary_y=True)
-        note = f"waste simulated; kernel times {kernel.get('_source', 'recorded')}"
+        top = max(v for impl, t in kernel.items() if not impl.startswith("_") for v in t.values())
+        fig.update_yaxes(title_text="kernel time (ms, from zero)", range=[0, 1.15 * top], secondary_y=True)
+        note = (f"waste: engine, simulated GPU time; kernel times {kernel.get('_source', 'recorded')}, "
+                f"{100 * kernel_time_spread(kernel):.0f}% apart across block sizes")
     else:
-        note = f"waste simulated; no kernel timings per block size ({missing or 'none given'}): waste side only"
+        note = (f"waste: engine, simulated GPU time; no kernel timings per block size ({missing or 'none given'}): "
+                "waste side only")
     fig.update_layout(barmode="stack", height=400, xaxis_title="block size (token slots)",
                       title=f"Paged pool: waste vs block size<br><sup>{note}</sup>")
     fig.update_yaxes(title_text="% of pool not holding tokens (saturated steps)", secondary_y=False)
@@ -306,7 +313,8 @@ class MemoryMapExplorer:
         self.trace, self.run_kw = trace, run_kw
         self._cache: dict = {}
         self._busy = False
-        self._shown: Simulation | None = None
+        self._shown: PoolHistory | None = None
+        self.figure: go.Figure | None = None  # the figure drawn last
         wide = W.Layout(width="440px")
         self.policy = W.Dropdown(options=list(self.POLICIES), description="policy", layout=wide)
         self.max_len = W.Dropdown(options=list(max_lens), value=2048 if 2048 in max_lens else max_lens[0],
@@ -322,7 +330,7 @@ class MemoryMapExplorer:
         self.widget = W.VBox([W.HBox([self.policy, self.max_len]), W.HBox([self.cap, self.color_by]), self.step,
                               self.out])
 
-    def simulation(self) -> Simulation:
+    def simulation(self) -> PoolHistory:
         from labkit.fragmentation import run
 
         key = (self.policy.value, self.max_len.value, self.cap.value)
@@ -342,30 +350,33 @@ class MemoryMapExplorer:
                 self.step.max = sim.num_steps - 1
                 self.step.value = min(sim.num_steps - 1, int(np.argmax(sim.saturated)) + sim.num_steps // 4)
                 self._shown = sim
+            self.figure = memory_map_figure(sim, self.step.value, self.color_by.value,
+                                            title=f"{self.policy.value}, max_len {self.max_len.value}, "
+                                                  f"client cap {self.cap.value.split(' ')[0]} (simulated)")
             self.out.clear_output(wait=True)
             with self.out:
-                memory_map_figure(sim, self.step.value, self.color_by.value,
-                                  title=f"{self.policy.value}, max_len {self.max_len.value}, "
-                                        f"client cap {self.cap.value.split(' ')[0]} (simulated)").show()
+                self.figure.show()
         finally:
             self._busy = False
 
 
 class BlockMapExplorer:
-    """Step through a paged simulation and watch blocks being handed out and returned."""
+    """Step through a paged run (a PoolHistory) and watch blocks being handed out and returned."""
 
-    def __init__(self, sim: Simulation, cols: int = 8):
+    def __init__(self, sim: PoolHistory, cols: int = 8, title: str | None = None):
         import ipywidgets as W
 
-        self.sim, self.cols = sim, cols
+        self.sim, self.cols, self.title = sim, cols, title
         self.step = W.IntSlider(value=0, min=0, max=sim.num_steps - 1, description="step", continuous_update=False)
         self.play = W.Play(value=0, min=0, max=sim.num_steps - 1, interval=700, description="play")
         W.jslink((self.play, "value"), (self.step, "value"))
         self.out = W.Output()
         self.step.observe(lambda _change: self.update(), names="value")
         self.widget = W.VBox([W.HBox([self.play, self.step]), self.out])
+        self.figure: go.Figure | None = None  # the figure drawn last
 
     def update(self) -> None:
+        self.figure = block_map_figure(self.sim, self.step.value, self.cols, self.title)
         self.out.clear_output(wait=True)
         with self.out:
-            block_map_figure(self.sim, self.step.value, self.cols).show()
+            self.figure.show()

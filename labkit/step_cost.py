@@ -16,7 +16,8 @@ size (linearly in tokens, batch and context; quadratically for prefill attention
 it keeps the smallest time (launch-bound). That is an extrapolation, and the notebook says so.
 
 The roofline arithmetic the measurements are judged by also lives here (:func:`arithmetic_intensity`,
-:func:`roofline_ms`).
+:func:`roofline_ms`); :func:`recorded_model_config` is the model the recording describes, for an engine
+that runs on the cost model (``labkit.engine.SimulatedRunner``).
 """
 from __future__ import annotations
 
@@ -46,6 +47,24 @@ def arithmetic_intensity(linears: list[tuple[int, int]], tokens: int, dtype_byte
 def roofline_ms(flops: float, nbytes: float, tflops: float, gbps: float) -> float:
     """The floor a kernel cannot beat: the larger of compute time and memory time (ms)."""
     return max(flops / (tflops * 1e12), nbytes / (gbps * 1e9)) * 1e3
+
+
+def recorded_model_config(data: dict | None = None, max_len: int = 2048, eos_token_id: int = 0):
+    """A :class:`labkit.config.LlamaConfig` with the shapes the roofline was recorded for (Llama-3-8B by
+    default) and a context of ``max_len``: what ``LLMEngine(runner=SimulatedRunner(...), model_config=...)``
+    needs to know about a model it never runs."""
+    from labkit.config import LlamaConfig
+
+    if data is None:
+        from labkit.bench import load
+
+        data = load("roofline")
+    s = data["shapes"]
+    return LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                       intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_hidden_layers"],
+                       num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
+                       head_dim=s["head_dim"], max_position_embeddings=max_len, tie_word_embeddings=False,
+                       eos_token_id=eos_token_id)
 
 
 # --------------------------------------------------------------------------- interpolation

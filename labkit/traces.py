@@ -15,6 +15,9 @@ simplest two-parameter shape with that form. Its mean is set to the paper's mean
 its spread ``sigma`` is our assumption (the paper shows histograms, not a fitted spread), wider
 for ShareGPT, whose lengths the paper says vary more than Alpaca's.
 
+``requests_from_trace(trace, vocab_size)`` turns a trace into what the engine takes (``labkit.engine``:
+prompt token ids, ``SamplingParams``, arrival time), keeping each request's true output length.
+
 Clipping: a prompt keeps at most ``max_len - 1`` tokens and the answer at most what is left of
 ``max_len`` (and at most ``max_new_tokens``, the cap a client sends with its request), so every
 request fits the model's context. (Benchmarks often drop such requests instead; clipping keeps
@@ -26,6 +29,8 @@ import dataclasses
 import math
 
 import numpy as np
+
+from labkit.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +177,45 @@ def make_trace(
         Request(i, float(arrivals[i]), int(prompts[i]), int(outputs[i]), int(caps[i])) for i in range(num_requests)
     )
     return Trace(requests=requests, preset=preset.name, rate=rate, seed=seed, max_len=max_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceRequest:
+    """One trace request as the engine takes it: ``engine.add_request(r.prompt_token_ids, r.params,
+    request_id=r.request_id, arrival_s=r.arrival_s)``. ``output_len`` is how many tokens it really produces."""
+
+    request_id: int
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival_s: float
+    output_len: int
+
+
+def requests_from_trace(trace: Trace, vocab_size: int, *, seed: int = 0, scale: float = 1.0,
+                        max_new_tokens: int | None = None, client_cap: bool = False) -> list[TraceRequest]:
+    """The trace's requests with random prompt token ids of the trace's lengths.
+
+    ``client_cap=False``: ``max_tokens`` is the true output length and EOS is ignored, so a request
+    produces exactly its trace length whatever the model says (live runs on a real model).
+    ``client_cap=True``: ``max_tokens`` is the client's cap (the trace's ``max_new_tokens``) and the
+    request is meant to end earlier, at ``output_len``, with an EOS: what a contiguous cache that
+    reserves prompt + max_tokens wastes (a ``SimulatedRunner(output_lens=...)`` ends it there).
+    ``scale`` shrinks every length (at least 1 token each) for small CPU runs, keeping their spread;
+    ``max_new_tokens`` caps the outputs after scaling.
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
+    gen = np.random.default_rng(seed)
+    out = []
+    for r in trace.requests:
+        prompt_len = max(1, round(r.prompt_len * scale))
+        n_out = max(1, round(r.output_len * scale))
+        cap = max(n_out, round(r.max_new_tokens * scale))
+        if max_new_tokens is not None:
+            n_out, cap = min(n_out, max_new_tokens), min(cap, max_new_tokens)
+        prompt = tuple(int(t) for t in gen.integers(0, vocab_size, prompt_len))
+        params = SamplingParams(max_tokens=cap) if client_cap else SamplingParams(max_tokens=n_out, ignore_eos=True)
+        out.append(TraceRequest(r.req_id, prompt, params, r.arrival_s, n_out))
+    return out

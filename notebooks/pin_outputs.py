@@ -1,4 +1,5 @@
-"""Store the reference outputs of the cells marked ``# NBVAL_CHECK_OUTPUT``; clear every other output.
+"""Store the reference outputs of the pinned cells (cell tag ``nbval-check-output``, or the older comment
+``# NBVAL_CHECK_OUTPUT``); clear every other output.
 
 nbval compares a marked cell's new output with the output stored in the notebook, so a marked cell
 with nothing stored checks nothing. Notebooks are committed without outputs except these few pinned,
@@ -13,7 +14,7 @@ import nbformat
 from nbclient import NotebookClient
 
 MARK = "NBVAL_CHECK_OUTPUT"
-TAG = "nbval-check-output"  # the same, kept out of the learner's sight in the cell's metadata
+TAG = "nbval-check-output"  # nbval reads it from the cell's metadata; learners never see it
 
 
 def pin(path: str) -> int:

@@ -64,3 +64,20 @@ def test_bad_arguments_fail_loudly():
         LengthDist(mean=0, sigma=1)
     with pytest.raises(ValueError, match="exceeds its max_new_tokens"):
         Request(0, 0.0, prompt_len=5, output_len=10, max_new_tokens=8)
+
+
+def test_requests_from_trace_keep_lengths_and_say_how_they_stop():
+    from labkit.traces import requests_from_trace
+
+    trace = make_trace("sharegpt", 50, rate=5.0, seed=0, max_len=1024, max_new_tokens=300)
+    exact = requests_from_trace(trace, vocab_size=100, seed=1)
+    capped = requests_from_trace(trace, vocab_size=100, seed=1, client_cap=True)
+    for r, e, c in zip(trace, exact, capped):
+        assert len(e.prompt_token_ids) == r.prompt_len and all(0 <= t < 100 for t in e.prompt_token_ids)
+        assert e.output_len == r.output_len and e.params.max_tokens == r.output_len and e.params.ignore_eos
+        assert c.params.max_tokens == r.max_new_tokens and not c.params.ignore_eos  # the client's cap
+        assert c.prompt_token_ids == e.prompt_token_ids and e.arrival_s == r.arrival_s
+    small = requests_from_trace(trace, vocab_size=100, scale=0.25, max_new_tokens=20)
+    assert all(1 <= s.output_len <= 20 and len(s.prompt_token_ids) >= 1 for s in small)
+    with pytest.raises(ValueError, match="scale"):
+        requests_from_trace(trace, 100, scale=0)

@@ -2,8 +2,12 @@
 
     batching       "continuous" (Orca: admit/retire every step) | "static" (a batch forms only when the
                    engine is empty and ends with its last request) | "one-at-a-time" (max_num_seqs = 1)
-    allocation     "paged" (blocks on demand, vLLM) | "contiguous" (reserve prompt + max_tokens up front,
-                   HF / FasterTransformer style: a running request never runs out of room)
+    allocation     "paged" (blocks on demand, vLLM) | "contiguous" (one run of consecutive blocks reserved up
+                   front, placed first fit, HF / FasterTransformer / Orca style: a running request never runs
+                   out of room; with block_size=1 the reservation is token-slot granular)
+    reserve        contiguous only, how much it reserves: "max_new_tokens" (prompt + max_tokens) | "max_len"
+                   (the whole context, whatever the request) | "oracle" (prompt + the output it will really
+                   produce: only a replay of a known trace can, see EngineBlockManager.oracle)
     preemption     "recompute" | "swap" | "none" (a step that cannot get a block raises instead)
     chunked prefill  a prompt is fed in chunks under ``max_num_batched_tokens`` per step, beside the decodes
 
@@ -15,6 +19,7 @@ import dataclasses
 
 BATCHING = ("continuous", "static", "one-at-a-time")
 ALLOCATION = ("paged", "contiguous")
+RESERVE = ("max_new_tokens", "max_len", "oracle")
 PREEMPTION = ("recompute", "swap", "none")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
@@ -28,6 +33,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context
     batching: str = "continuous"
     allocation: str = "paged"
+    reserve: str = "max_new_tokens"  # contiguous only: see the module docstring
     preemption: str = "recompute"
     num_cpu_blocks: int = 0  # swap space (preemption="swap")
     watermark: float = 0.01  # share of blocks admission keeps free while anything runs
@@ -50,7 +56,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.num_cpu_blocks must be an integer >= 0, got {self.num_cpu_blocks!r}")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"EngineConfig.watermark must be in [0, 1), got {self.watermark!r}")
-        for name, allowed in (("batching", BATCHING), ("allocation", ALLOCATION), ("preemption", PREEMPTION),
+        for name, allowed in (("batching", BATCHING), ("allocation", ALLOCATION), ("reserve", RESERVE),
+                              ("preemption", PREEMPTION),
                               ("kv_cache_dtype", KV_CACHE_DTYPES),
                               ("attention_backend", ("auto", "triton", "torch"))):
             if getattr(self, name) not in allowed:
@@ -61,6 +68,9 @@ class EngineConfig:
             raise ValueError("preemption='swap' needs swap space: set num_cpu_blocks (e.g. equal to num_blocks)")
         if self.allocation == "contiguous" and self.enable_prefix_caching:
             raise ValueError("prefix caching shares paged blocks; it needs allocation='paged'")
+        if self.allocation == "paged" and self.reserve != "max_new_tokens":
+            raise ValueError(f"reserve={self.reserve!r} is a policy of the contiguous allocator; a paged pool reserves "
+                             "nothing. Use allocation='contiguous' or drop reserve.")
 
     @property
     def watermark_blocks(self) -> int:

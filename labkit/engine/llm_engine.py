@@ -76,6 +76,7 @@ class LLMEngine:
         self.requests: dict = {}
         self.pending: list[Sequence] = []  # added, not arrived yet (virtual clock)
         self.history: list[StepRecord] = []
+        self.observers: list = []  # called as f(engine, scheduler_output) after each forward (labkit.pool_history)
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------------
@@ -120,6 +121,11 @@ class LLMEngine:
         now = self._clock()
         seq = Sequence(request_id, prompt, params, arrival_s=now if arrival_s is None else float(arrival_s),
                        cache_salt=cache_salt, eos_token_ids=self.eos_token_ids)
+        reserve = self.block_manager.blocks_to_reserve(seq)  # contiguous: the reservation must fit the pool
+        if reserve > self.config.num_blocks:
+            raise ValueError(f"request {request_id!r} reserves {reserve} blocks (reserve={self.config.reserve!r}), but "
+                             f"the KV pool has {self.config.num_blocks}: it could never be admitted. Give the pool "
+                             "more blocks, lower max_tokens or max_model_len, or reserve less.")
         self.requests[request_id] = seq
         if seq.arrival_s > now:
             self.pending.append(seq)
@@ -175,6 +181,8 @@ class LLMEngine:
         if self.clock == "virtual":
             self.now += self.runner.last_step_seconds
         now = self._clock()
+        for observe in self.observers:  # the pool as this step's forward saw it, before anyone leaves
+            observe(self, out)
         finished = self.scheduler.postprocess(out, tokens, now)
         bm = self.block_manager
         prefill = sum(s.num_new_tokens for s in out.scheduled if not (s.num_new_tokens == 1 and s.samples

@@ -72,7 +72,7 @@ class Scheduler:
         self.block_manager = EngineBlockManager(
             config.num_blocks, config.block_size, allocation=config.allocation,
             enable_prefix_caching=config.enable_prefix_caching, num_cpu_blocks=config.num_cpu_blocks,
-            max_model_len=max_model_len)
+            max_model_len=max_model_len, reserve=config.reserve)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order = priority order
         self.swapped: deque[Sequence] = deque()
@@ -138,8 +138,8 @@ class Scheduler:
                 break
             need = bm.blocks_to_admit(seq, cached + n)
             if not policies.can_admit(need, bm.num_free_blocks, len(self.running), cfg.watermark_blocks,
-                                      cfg.max_num_seqs):
-                break
+                                      cfg.max_num_seqs) or not bm.can_place(seq, cached + n):
+                break  # contiguous: enough free blocks may still lack one gap large enough (first fit)
             self.waiting.popleft()
             bm.allocate(seq, cached + n)  # sets num_computed_tokens to the prefix hit (== cached)
             seq.status = SequenceStatus.RUNNING

@@ -36,6 +36,8 @@ class Exercise:
     # choose_victim inside the engine) is driven by harness(fn, *inputs), which returns what to compare.
     harness: Callable | None = None
     compare: str = "exact"  # "exact" (==, torch.equal for tensors) or "allclose"
+    adapt: Callable | None = None  # learner's object -> the function compared (e.g. a class -> run ops on it)
+    explain: Callable | None = None  # (inputs, yours, expected) -> what differs, in words (default: show both)
     atol: float = 1e-5
     rtol: float = 1e-4
     trials: int = 20
@@ -98,11 +100,14 @@ def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
 
     gen = torch.Generator().manual_seed(seed)
     call = (lambda f, a: ex.harness(f, *a)) if ex.harness is not None else (lambda f, a: f(*a))
+    learner = ex.adapt(fn) if ex.adapt is not None else fn
     for trial in range(ex.trials):
         args = ex.make_inputs(gen)
         expected = call(ex.reference, copy.deepcopy(args))
-        got = call(fn, copy.deepcopy(args))
+        got = call(learner, copy.deepcopy(args))
         if not _same(got, expected, ex):
+            if ex.explain is not None:
+                return False, f"mismatch on trial {trial + 1}/{ex.trials}\n{ex.explain(args, got, expected)}"
             where, mine, theirs = _first_difference(got, expected, ex)
             detail = f"\n  first difference at {where}: yours {_show(mine)}, expected {_show(theirs)}" if where else ""
             return False, (f"mismatch on trial {trial + 1}/{ex.trials}{detail}\n  inputs:   {_show(args)}\n"

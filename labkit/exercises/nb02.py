@@ -25,7 +25,7 @@ def _kv_bytes_per_token(config: LlamaConfig, dtype_bytes: int) -> int:
 
 def _waste_inputs(gen):
     prompt, output = _int(gen, 1, 500), _int(gen, 1, 800)
-    return prompt, output, prompt + output + _int(gen, 0, 1500)
+    return prompt, output, prompt + output - 1 + _int(gen, 0, 1500)
 
 
 EXERCISES = {
@@ -40,8 +40,8 @@ EXERCISES = {
     "reservation_waste": Exercise(
         reference=reservation_waste, make_inputs=_waste_inputs,
         spec="slot-steps a contiguous reservation of `reserved` slots holds but leaves empty while a request "
-             "with prompt_len prompt tokens generates output_len tokens (it holds prompt_len + 1 + k tokens "
-             "at its k-th step, k = 0 .. output_len - 1).",
-        hints=("At step k the request holds prompt_len + 1 + k tokens; the empty slots are reserved minus that.",
+             "with prompt_len prompt tokens generates output_len tokens (its K/V fill prompt_len + k slots "
+             "at its k-th step, k = 0 .. output_len - 1: the last token is returned, never fed back).",
+        hints=("At step k its K/V fill prompt_len + k slots; the empty slots are reserved minus that.",
                "Sum the empty slots over the output_len steps (a loop is fine; a closed form exists too).")),
 }

@@ -7,6 +7,6 @@ def kv_bytes_per_token(config, dtype_bytes):
 
 
 def reservation_waste(prompt_len, output_len, reserved):
-    # step k holds prompt_len + 1 + k tokens; the rest of the reservation is empty that step.
-    # (closed form: output_len * (reserved - prompt_len) - output_len * (output_len + 1) // 2)
-    return sum(reserved - (prompt_len + 1 + k) for k in range(output_len))
+    # step k fills prompt_len + k slots; the rest of the reservation is empty that step.
+    # (closed form: output_len * (reserved - prompt_len) - output_len * (output_len - 1) // 2)
+    return sum(reserved - (prompt_len + k) for k in range(output_len))

@@ -1,16 +1,24 @@
 """Worked solutions for notebook 03."""
 
 
-def fcfs_admit(waiting, free_slots, free_kv_tokens):
-    admitted = 0
-    for prompt_len, max_new_tokens in waiting:
-        if admitted == free_slots:  # no slot left
+def schedule_step(running, waiting, free_blocks, block_size, max_num_seqs, token_budget):
+    scheduled, admitted = [], []
+    for seq_id, _num_tokens in running:  # 1. decodes, oldest first, while the budget lasts
+        if token_budget == 0:
             break
-        free_kv_tokens -= prompt_len + max_new_tokens  # reserve the whole request up front
-        if free_kv_tokens < 0:  # the head does not fit: nobody behind it may overtake
-            break
-        admitted += 1
-    return admitted
+        scheduled.append((seq_id, 1))
+        token_budget -= 1
+    num_in_batch = len(running)  # a running sequence keeps its slot even when the budget skipped it
+    for seq_id, prompt_len, max_tokens in waiting:  # 2. admission, first come first served
+        blocks = -(-(prompt_len + max_tokens) // block_size)  # the whole reservation, up front
+        if num_in_batch == max_num_seqs or prompt_len > token_budget or blocks > free_blocks:
+            break  # nobody overtakes the head of the queue
+        scheduled.append((seq_id, prompt_len))
+        admitted.append(seq_id)
+        num_in_batch += 1
+        token_budget -= prompt_len
+        free_blocks -= blocks
+    return scheduled, admitted
 
 
 def decode_intensity(linears, tokens, dtype_bytes):
