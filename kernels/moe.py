@@ -46,27 +46,35 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     """Group (token, expert) pairs by expert, each expert's run padded to a multiple of ``block_m``.
 
     Returns (sorted_ids (P,) int32 with pad value N*k, block_expert (P // block_m,) int32, counts (E,)): the
-    pairs of expert e, in token order, fill whole blocks whose ``block_expert`` is e. Experts with no pair
-    get no block, so their weights are never read."""
+    pairs of expert e, in token order, fill whole blocks whose ``block_expert`` is e; blocks past the last run
+    have expert -1 and exit at once. P is the worst case, N*k + E*(block_m - 1) rounded up to block_m, so
+    nothing here waits for the GPU (no host sync: the whole MoE layer can be captured in a CUDA graph).
+    Experts with no pair get no block, so their weights are never read."""
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be (tokens, top_k), got shape {tuple(topk_ids.shape)}")
     flat = topk_ids.reshape(-1).to(torch.int64)  # (N * k,)
-    if flat.numel() and int(flat.max()) >= num_experts:
-        raise ValueError(f"topk_ids holds expert {int(flat.max())} but there are {num_experts} experts")
-    valid = flat >= 0  # -1: a dropped pair, in no block
-    counts = torch.bincount(flat[valid], minlength=num_experts)  # (E,)
-    padded = (counts + block_m - 1) // block_m * block_m  # (E,) rows each expert's run takes
-    starts = torch.cumsum(padded, 0) - padded  # (E,) first row of each run
-    total = int(padded.sum())
-    sorted_ids = torch.full((max(total, block_m),), flat.numel(), dtype=torch.int32, device=topk_ids.device)
-    order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)[: int(valid.sum())]  # pairs by expert
-    expert_of = flat[order]
-    rank = torch.arange(order.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
-    sorted_ids[starts[expert_of] + rank] = order.to(torch.int32)
-    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), padded // block_m)
-    if total == 0:  # nothing routed anywhere: one empty block so the launch is not zero-sized
-        block_expert = torch.full((1,), -1, dtype=torch.int64, device=flat.device)
-    return sorted_ids, block_expert.to(torch.int32), counts
+    if flat.device.type == "cpu":
+        if flat.numel() and int(flat.max()) >= num_experts:
+            raise ValueError(f"topk_ids holds expert {int(flat.max())} but there are {num_experts} experts")
+    else:  # checked on the device, without waiting for it
+        torch._assert_async((flat < num_experts).all(), "topk_ids holds an expert id >= num_experts")
+    dev, n_pairs = flat.device, flat.numel()
+    key = torch.where(flat >= 0, flat, num_experts)  # -1 (a dropped pair) sorts last, into no block
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts + block_m - 1) // block_m * block_m  # (E + 1,) rows each expert's run takes
+    padded[num_experts] = 0
+    ends = torch.cumsum(padded, 0)  # (E + 1,)
+    max_rows = triton.cdiv(n_pairs + num_experts * (block_m - 1), block_m) * block_m
+    order = torch.argsort(key, stable=True)  # pairs by expert, token order inside an expert
+    expert_of = key[order]
+    rank = torch.arange(n_pairs, device=dev) - (torch.cumsum(counts, 0) - counts)[expert_of]
+    dest = torch.where(expert_of < num_experts, ends[expert_of] - padded[expert_of] + rank, max_rows)
+    sorted_ids = torch.full((max_rows + 1,), n_pairs, dtype=torch.int32, device=dev)
+    sorted_ids[dest] = order.to(torch.int32)  # dropped pairs land on the extra last slot, cut off below
+    block_start = torch.arange(0, max_rows, block_m, device=dev)
+    block_expert = torch.searchsorted(ends[:num_experts].contiguous(), block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
+    return sorted_ids[:max_rows], block_expert.to(torch.int32), counts[:num_experts]
 
 
 # ----------------------------------------------------------------------------- kernel
