@@ -133,3 +133,19 @@ def test_expert_choice_ties_go_to_the_earlier_token():
     """The tie-break the side channel rides on: equal probabilities, the earlier token in the batch wins."""
     d = route_expert_choice(torch.zeros(40, 4), 2, 1.0)  # every token ties for every expert; C = 20
     assert torch.equal(d.selected, (torch.arange(40) < 20)[:, None].expand(40, 4))
+
+
+def test_shipped_moe_is_a_mixtral_checkpoint_transformers_reads():
+    from labkit.checkpoint import DEFAULT_MODEL_DIR
+    from labkit.moe import DEFAULT_MOE_DIR
+
+    ours, tok = load_pretrained(DEFAULT_MOE_DIR)
+    c = ours.config
+    assert (c.model_type, c.num_local_experts, c.num_experts_per_tok) == ("mixtral", 8, 2)
+    assert sum(p.stat().st_size for p in DEFAULT_MOE_DIR.iterdir()) <= 20 * 2**20
+    assert (DEFAULT_MOE_DIR / "tokenizer.json").read_bytes() == (DEFAULT_MODEL_DIR / "tokenizer.json").read_bytes()
+    assert "python -m labkit.train" in (DEFAULT_MOE_DIR / "README.md").read_text()
+    hf = transformers.MixtralForCausalLM.from_pretrained(DEFAULT_MOE_DIR, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("It is a truth universally acknowledged")])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-3
