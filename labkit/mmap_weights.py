@@ -218,11 +218,12 @@ def decode_routing_trace(model, prompt_ids: list[int], new_tokens: int) -> torch
     return torch.stack([torch.stack(s) for s in steps[1:]])  # drop the prefill step
 
 
-def expert_bytes(model) -> int:
+def expert_bytes(model, dtype_bytes: int | None = None) -> int:
+    """Bytes of one expert's three matrices: in the model's dtype, or at ``dtype_bytes`` a weight (2: bf16 as stored)."""
     from labkit.moe import moe_blocks
 
     ex = moe_blocks(model)[0].experts[0]
-    return sum(p.numel() * p.element_size() for p in ex.parameters())
+    return sum(p.numel() * (dtype_bytes or p.element_size()) for p in ex.parameters())
 
 
 def mmap_figure(runs: list[dict], cache_rows: list[dict]):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import re
 
 import torch
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from labkit.config import LlamaConfig
 
 ROUTINGS = ("token_choice", "expert_choice")
+DEFAULT_MOE_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "model_moe"  # the shipped MoE (its card)
 
 
 class Expert(nn.Module):
@@ -225,30 +227,29 @@ def routing_trace(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def routing_figure(trace: torch.Tensor, tokens: list[str] | None = None, title: str = "expert load"):
-    """Two panels: expert load per layer (share of tokens, heat map) and, if ``tokens`` is given, which expert
-    each token used in each layer (one row per token)."""
+    """Expert load per layer (share of tokens each expert processed) and, if ``tokens`` is given, the experts
+    each token used in each layer (one row per token; the colour is the lowest-numbered one)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     layers, n, e = trace.shape
-    share = trace.float().mean(1).numpy()  # (L, E): share of tokens that each expert processed
+    share = trace.float().mean(1).numpy()  # (L, E)
     rows = 2 if tokens is not None else 1
-    fig = make_subplots(rows=rows, cols=1, vertical_spacing=0.12, row_heights=[0.35, 0.65][:rows] if rows == 2 else None,
+    fig = make_subplots(rows=rows, cols=1, vertical_spacing=0.1, row_heights=[0.3, 0.7] if rows == 2 else None,
                         subplot_titles=["share of tokens each expert processed, per layer",
-                                        "experts each token used (layer by layer)"][:rows])
+                                        "experts each token used, layer by layer"][:rows])
     fig.add_trace(go.Heatmap(z=share, x=[f"expert {i}" for i in range(e)], y=[f"layer {i}" for i in range(layers)],
-                             colorscale="Viridis", colorbar=dict(title="share", len=0.35, y=0.85 if rows == 2 else 0.5),
+                             colorscale="Viridis", colorbar=dict(title="share", len=0.3, y=0.86 if rows == 2 else 0.5),
                              hovertemplate="%{y}, %{x}: %{z:.2f} of tokens<extra></extra>"), row=1, col=1)
     if tokens is not None:
         tokens = tokens[:n]
-        # each cell: the experts a token used in a layer, as a number e1*E + e2 would hide them; show the first
-        first = trace.float().argmax(-1).t().numpy()  # (N, L): lowest-numbered expert used
-        text = [[",".join(str(j) for j in torch.nonzero(trace[l, t]).flatten().tolist()) for l in range(layers)]
+        first = trace.float().argmax(-1).t().numpy()[: len(tokens)]  # (N, L)
+        text = [[",".join(str(j) for j in torch.nonzero(trace[layer, t]).flatten().tolist()) for layer in range(layers)]
                 for t in range(len(tokens))]
-        fig.add_trace(go.Heatmap(z=first[: len(tokens)], x=[f"layer {i}" for i in range(layers)],
-                                 y=[f"{i}: {tok!r}" for i, tok in enumerate(tokens)], text=text,
-                                 texttemplate="%{text}", colorscale="Turbo", showscale=False, zmin=0, zmax=e - 1,
+        fig.add_trace(go.Heatmap(z=first, x=[f"layer {i}" for i in range(layers)],
+                                 y=[f"{i}: {tok!r}" for i, tok in enumerate(tokens)], text=text, texttemplate="%{text}",
+                                 colorscale="Turbo", showscale=False, zmin=0, zmax=e - 1,
                                  hovertemplate="token %{y}, %{x}: experts %{text}<extra></extra>"), row=2, col=1)
         fig.update_yaxes(autorange="reversed", row=2, col=1)
-    fig.update_layout(title=title, height=300 + (24 * min(len(tokens), 40) if tokens is not None else 0))
+    fig.update_layout(title=title, height=320 + (22 * len(tokens) if tokens is not None else 0))
     return fig

