@@ -67,3 +67,12 @@ def test_wrapper_errors_name_the_shapes():
         fused_moe(x, w13, w2, ids, w)
     with pytest.raises(ValueError, match="experts"):
         moe_align_block_size(ids + 5, 2, 16)
+
+
+def test_experts_touched_formula_matches_sampling():
+    from labkit.moe_amortisation import expected_experts_touched, measured_experts_touched
+
+    for b in (1, 2, 4, 8, 16):
+        sampled = measured_experts_touched(b, 8, 2, trials=2000, seed=b)
+        assert abs(sampled - expected_experts_touched(b, 8, 2)) < 0.06, b
+    assert expected_experts_touched(1, 128, 8) == 8 and expected_experts_touched(0, 8, 2) == 0
