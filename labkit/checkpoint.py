@@ -91,6 +91,11 @@ def load_pretrained(path: str | pathlib.Path, dtype: torch.dtype = torch.float32
     config = LlamaConfig.from_file(path / "config.json")
     state = load_state_dict(path)
     origin = state.pop("__origin__")
+    if config.num_local_experts:  # transformers 5 may store Mixtral's experts fused: back to per-expert names
+        from labkit.moe import unfuse_experts
+
+        state = unfuse_experts(state)
+        origin = {k: origin.get(k, path) for k in state}
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     expected = model.state_dict()

@@ -1,7 +1,8 @@
 """The model's hyper-parameters, read from (and written to) a Hugging Face ``config.json``.
 
 One dataclass covers the Llama family the lab runs: Llama 2/3 (GQA, llama3 RoPE scaling), SmolLM,
-TinyLlama, and Qwen2 (q/k/v bias). RoPE settings are read both as older checkpoints write them
+TinyLlama, Qwen2 (q/k/v bias) and Mixtral (``num_local_experts`` > 0: a sparse mixture of SwiGLU experts
+in place of the MLP, :mod:`labkit.moe`). RoPE settings are read both as older checkpoints write them
 (``rope_theta`` + ``rope_scaling``) and as transformers 5 writes them (``rope_parameters``).
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import dataclasses
 import json
 import pathlib
 
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -34,6 +35,8 @@ class LlamaConfig:
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    num_local_experts: int = 0  # Mixtral: experts per MoE layer (0: a dense MLP); intermediate_size is one expert's
+    num_experts_per_tok: int = 2  # Mixtral: top-k experts each token is routed to
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -51,6 +54,12 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unknown model_type {self.model_type!r}; labkit runs {sorted(SUPPORTED_ARCHITECTURES)}")
+        if (self.model_type == "mixtral") != (self.num_local_experts > 0):
+            raise ValueError(f"num_local_experts={self.num_local_experts} with model_type {self.model_type!r}: "
+                             f"experts (num_local_experts > 0) go with model_type 'mixtral', and only with it")
+        if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(f"num_experts_per_tok must be in 1..num_local_experts ({self.num_local_experts}), "
+                             f"got {self.num_experts_per_tok}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"RoPE type {rope_type!r} is not supported; labkit supports {SUPPORTED_ROPE_TYPES}")
@@ -80,6 +89,10 @@ class LlamaConfig:
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
         rope_theta, rope_scaling = _read_rope(d, source)
+        if model_type == "mixtral" and (d.get("sliding_window") or 0) and d["sliding_window"] < d.get(
+                "max_position_embeddings", 2048):
+            raise ValueError(f"{source}: sliding_window {d['sliding_window']} is not supported by labkit's attention; "
+                             f"set it to null to run the model with full attention")
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -99,6 +112,8 @@ class LlamaConfig:
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
+            num_local_experts=d.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+            num_experts_per_tok=d.get("num_experts_per_tok", 2),
         )
 
     @classmethod
@@ -138,6 +153,9 @@ class LlamaConfig:
         if self.model_type == "llama":
             d["attention_bias"] = self.attention_bias
             d["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mixtral":
+            d.update(num_local_experts=self.num_local_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     sliding_window=None)
         if self.rope_scaling:
             d["rope_scaling"] = dict(self.rope_scaling)
         return d

@@ -3,6 +3,8 @@
     tokens -> embed -> [ RMSNorm -> attention (RoPE, GQA, through a KV cache) -> + ->
                          RMSNorm -> SwiGLU MLP -> + ] x num_hidden_layers -> RMSNorm -> lm_head -> logits
 
+(Mixtral: the MLP is a sparse mixture of SwiGLU experts, ``block_sparse_moe``; see :mod:`labkit.moe`.)
+
 Module and parameter names follow Hugging Face's (``model.layers.0.self_attn.q_proj.weight``), so
 a checkpoint's safetensors load without renaming and quantised linears can be swapped in by name.
 Loading is in :mod:`labkit.checkpoint`.
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from labkit.config import LlamaConfig
 from labkit.kv_cache import KVCache, NoCache
+from labkit.moe import SparseMoeBlock
 
 
 class RMSNorm(nn.Module):
@@ -108,11 +111,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.is_moe = config.num_local_experts > 0
+        if self.is_moe:
+            self.block_sparse_moe = SparseMoeBlock(config)  # HF Mixtral's name, so checkpoints load as they are
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, positions, cache, layer_idx):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ffn = self.block_sparse_moe if self.is_moe else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):

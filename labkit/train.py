@@ -9,6 +9,9 @@ trained on Jane Austen's novels (the train split of :mod:`labkit.corpus`).
                                                        # keep the sweep run with the best held-out
                                                        #   perplexity (the card lists the sweep)
     python -m labkit.evaluate --write-card             # data/model/README.md
+    python -m labkit.train --num-local-experts 8 --out data/model_moe ...
+                                                       # a Mixtral-style MoE (labkit.moe): 8 SwiGLU experts
+                                                       #   a layer, top-2, plus Switch's load-balancing loss
 
 The shipped model is one of four such runs that shared an H200 at once (about 2.5 minutes in all);
 on a CPU the same run would take many hours, and ``--minutes 0.2`` only checks that it runs.
@@ -42,6 +45,7 @@ from labkit.checkpoint import DEFAULT_MODEL_DIR, Tokenizer, save_pretrained
 from labkit.config import LlamaConfig
 from labkit.corpus import DOC_SEPARATOR, load_text
 from labkit.kv_cache import KVCache
+from labkit.moe import active_parameters, load_balancing_loss
 
 VOCAB_SIZE = 4096
 # The shipped model's shape: small enough to run in a CPU notebook, with GQA (8 query heads share
@@ -91,7 +95,8 @@ def init_weights(model, std: float = 0.02) -> None:
     residual_std = std / math.sqrt(2 * model.config.num_hidden_layers)
     for name, p in model.named_parameters():
         if p.dim() == 2:
-            torch.nn.init.normal_(p, 0.0, residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
+            residual = name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight"))  # w2: an expert's down
+            torch.nn.init.normal_(p, 0.0, residual_std if residual else std)
         elif name.endswith("bias"):
             torch.nn.init.zeros_(p)
 
@@ -103,7 +108,8 @@ def add_residual_dropout(model, p: float) -> list:
     if p <= 0:
         return []
     drop = lambda module, args, out: F.dropout(out, p, module.training)  # noqa: E731
-    modules = [model.model.embed_tokens] + [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
+    modules = [model.model.embed_tokens] + [m for layer in model.model.layers for m in (
+        layer.self_attn, layer.block_sparse_moe if layer.is_moe else layer.mlp)]
     return [m.register_forward_hook(drop) for m in modules]
 
 
@@ -124,6 +130,10 @@ class TrainArgs:
     eval_every: int = 25
     patience: int = 20  # evaluations without a new best held-out loss before stopping early
     seed: int = 0
+    num_local_experts: int = 0  # > 0: a Mixtral-style MoE with this many experts a layer instead of the MLP
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 96  # one expert's SwiGLU width (the dense MLP's is 688)
+    router_aux_loss_coef: float = 0.01  # Switch Transformer's load-balancing loss, times this
 
 
 def lr_at(args: TrainArgs, step: int, progress: float) -> float:
@@ -146,9 +156,16 @@ def train(args: TrainArgs, out: pathlib.Path, tokenizer_path: pathlib.Path) -> d
           flush=True)
 
     config = dataclasses.replace(DEFAULT_CONFIG, vocab_size=tokenizer.vocab_size)
+    if args.num_local_experts:
+        config = dataclasses.replace(config, model_type="mixtral", num_local_experts=args.num_local_experts,
+                                     num_experts_per_tok=args.num_experts_per_tok,
+                                     intermediate_size=args.moe_intermediate_size)
     model = LlamaForCausalLM(config).to(device)
     init_weights(model)
     hooks = add_residual_dropout(model, args.dropout)
+    router_logits = []  # MoE: each layer's router logits of this step, for the load-balancing loss
+    hooks += [layer.block_sparse_moe.gate.register_forward_hook(lambda mod, a, out: router_logits.append(out))
+              for layer in model.model.layers if layer.is_moe]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -164,6 +181,7 @@ def train(args: TrainArgs, out: pathlib.Path, tokenizer_path: pathlib.Path) -> d
     def heldout_loss() -> float:
         model.eval()
         loss, _ = mean_loss(model, held_ids, ctx, batch_size=64, autocast_dtype=amp, cache_factory=CausalWindow)
+        router_logits.clear()
         model.train()
         return loss
 
@@ -188,8 +206,12 @@ def train(args: TrainArgs, out: pathlib.Path, tokenizer_path: pathlib.Path) -> d
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(batch[:, :-1], cache=CausalWindow())  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        objective = loss
+        if router_logits:
+            objective = loss + args.router_aux_loss_coef * load_balancing_loss(router_logits, config.num_experts_per_tok)
+            router_logits.clear()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         running += loss.detach()
@@ -233,6 +255,7 @@ def train(args: TrainArgs, out: pathlib.Path, tokenizer_path: pathlib.Path) -> d
                    else f"CPU ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__,
         "parameters": model.num_parameters,
+        "active_parameters": active_parameters(model),
         "train_tokens": len(train_ids), "heldout_tokens": len(held_ids),
         "tokens_per_step": tokens_per_step, "context": ctx,
         "steps": step, "epochs": step * tokens_per_step / len(train_ids), "train_seconds": train_seconds,
