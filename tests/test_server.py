@@ -25,42 +25,12 @@ from labkit.generate import generate
 from labkit.kv_cache import ContiguousCache
 from labkit.server import EngineBackend, NaiveBackend, Tenants, create_app
 from labkit.server.detokenizer import IncrementalDetokenizer
-from labkit.server.process import REPO_ROOT, ServerProcess, free_port
+from labkit.server.process import REPO_ROOT, ServerProcess, ThreadedServer, free_port
 from labkit.server.tenancy import check_bind
 
 pytestmark = pytest.mark.timeout(240)
 MODEL = "austen"
 PROMPT = "It is a truth universally acknowledged, that a single man"
-
-
-class ThreadedServer:
-    """uvicorn serving ``app`` on 127.0.0.1 from a background thread (no signal handlers off the main thread)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 class ChatTokenizer:

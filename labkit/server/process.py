@@ -4,6 +4,8 @@
         run_load(server.url, ...)
     # leaving the block sends SIGTERM: the server drains and exits
 
+    with ThreadedServer(create_app(backend, tokenizer, name)) as server:   # the same, in this process
+
 It waits for ``GET /health`` before returning, and if the server dies while starting, the error says why
 (the tail of its log). Children inherit this process's labkit (PYTHONPATH), so a notebook and the server
 it starts run the same code.
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -87,3 +90,34 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ThreadedServer:
+    """uvicorn serving an ``app`` (``labkit.server.create_app``) on 127.0.0.1 from a thread of this process:
+    what tests use, where a subprocess would cost a model load each. Signals stay with the main thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the in-process server did not start (see the log above)")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
