@@ -76,9 +76,22 @@ class RequestResult:
 
     @property
     def tpot_s(self) -> float | None:
-        if not self.ok or self.output_tokens < 2:
-            return None
-        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+        return tpot(self.e2e_s, self.ttft_s, self.output_tokens) if self.ok else None
+
+
+def tpot(e2e_s: float, ttft_s: float, num_output_tokens: int) -> float | None:
+    """vLLM's time per output token: (E2E - TTFT) / (n - 1), the first token excluded; None for n < 2."""
+    if num_output_tokens < 2:
+        return None
+    return (e2e_s - ttft_s) / (num_output_tokens - 1)
+
+
+def goodput(ttft_s: list[float], tpot_s: list[float | None], wall_s: float, ttft_slo_s: float | None = None,
+            tpot_slo_s: float | None = None) -> float:
+    """Completed requests per second that meet every SLO given (a TPOT of None, one token, meets any TPOT SLO)."""
+    good = sum(1 for a, b in zip(ttft_s, tpot_s)
+               if (ttft_slo_s is None or a <= ttft_slo_s) and (tpot_slo_s is None or b is None or b <= tpot_slo_s))
+    return good / wall_s
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
@@ -250,19 +263,17 @@ def summarize(results: list[RequestResult], wall_s: float, slo: dict[str, float]
         if not r.ok:
             errors[r.error] = errors.get(r.error, 0) + 1
     slo = slo or {}
-
-    def meets(r):
-        return all(getattr(r, k) is not None and getattr(r, k) <= v for k, v in slo.items()
-                   if not (k == "tpot_s" and r.tpot_s is None))
-
-    good = [r for r in ok if meets(r)]
     wall = max(wall_s, 1e-9)
+    rate = None
+    if slo:
+        good = [r for r in ok if slo.get("e2e_s") is None or r.e2e_s <= slo["e2e_s"]]
+        rate = goodput([r.ttft_s for r in good], [r.tpot_s for r in good], wall, slo.get("ttft_s"), slo.get("tpot_s"))
     return {
         "num_requests": len(results), "completed": len(ok), "errors": errors,
         "server_errors": sum(v for k, v in errors.items() if k.startswith("http_5") or k.startswith("stream_error")),
         "wall_s": wall_s, "output_tokens": sum(r.output_tokens for r in ok),
         "output_tok_s": sum(r.output_tokens for r in ok) / wall, "requests_s": len(ok) / wall,
-        "goodput_rps": len(good) / wall if slo else None, "slo": slo,
+        "goodput_rps": rate, "slo": slo,
         "ttft_s": _pct([r.ttft_s for r in ok]), "tpot_s": _pct([r.tpot_s for r in ok if r.tpot_s is not None]),
         "itl_s": _pct([x for r in ok for x in r.itl_s]), "e2e_s": _pct([r.e2e_s for r in ok]),
     }
@@ -342,24 +353,37 @@ def sweep(url: str, users: list[int], dataset: str = "austen", requests_per_user
 
 
 # ---- the figure ------------------------------------------------------------------------------------
-def sweep_figure(sweeps: dict[str, list[dict]], title: str = "Load test: closed loop"):
-    """Output tokens/s, p99 TTFT and median TPOT against users, one line per server (name -> sweep runs)."""
+def sweep_rows(name: str, runs: list[dict]) -> list[dict]:
+    """Closed-loop runs as flat rows (server, users, output_tok_s, ttft_p99_s, tpot_p50_s, errors), the
+    schema of data/bench/serve.json."""
+    return [{"server": name, "users": r["users"], "output_tok_s": r["summary"]["output_tok_s"],
+             "ttft_p99_s": r["summary"]["ttft_s"]["p99"], "tpot_p50_s": r["summary"]["tpot_s"]["p50"],
+             "errors": r["summary"]["errors"]} for r in runs]
+
+
+def rows_figure(rows: list[dict], title: str = "Load test: closed loop"):
+    """Output tokens/s, p99 TTFT and median TPOT against users, one line per ``server`` of the rows."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=3, subplot_titles=("output tokens/s", "TTFT p99 (s, log)", "TPOT p50 (s)"))
-    for k, (name, runs) in enumerate(sweeps.items()):
+    names = list(dict.fromkeys(r["server"] for r in rows))
+    for k, name in enumerate(names):
         color = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a"][k % 5]
-        x = [r["users"] for r in runs]
-        s = [r["summary"] for r in runs]
-        for col, y in enumerate(([v["output_tok_s"] for v in s], [v["ttft_s"]["p99"] for v in s],
-                                 [v["tpot_s"]["p50"] for v in s]), start=1):
-            fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines+markers", line=dict(color=color),
-                                     legendgroup=name, showlegend=col == 1), row=1, col=col)
+        mine = sorted((r for r in rows if r["server"] == name), key=lambda r: r["users"])
+        x = [r["users"] for r in mine]
+        for col, key in enumerate(("output_tok_s", "ttft_p99_s", "tpot_p50_s"), start=1):
+            fig.add_trace(go.Scatter(x=x, y=[r[key] for r in mine], name=name, mode="lines+markers",
+                                     line=dict(color=color), legendgroup=name, showlegend=col == 1), row=1, col=col)
     fig.update_xaxes(type="log", title_text="concurrent users")
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_layout(title=title, height=380)
     return fig
+
+
+def sweep_figure(sweeps: dict[str, list[dict]], title: str = "Load test: closed loop"):
+    """:func:`rows_figure` of several sweeps (server name -> its closed-loop runs)."""
+    return rows_figure([row for name, runs in sweeps.items() for row in sweep_rows(name, runs)], title)
 
 
 def print_summary(run: dict) -> None:

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests in flight")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="drain and exit when this process ends (notebooks and tests pass their own pid)")
 
 
 def build_backend(args):
@@ -90,13 +92,38 @@ def make_server(args):
     app = create_app(backend, tokenizer, name, tenants, request_timeout=args.request_timeout)
 
     class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame):
+        def drain(self) -> None:
             app.state.draining = True  # requests on open connections get 503 from now on
+            self.should_exit = True  # uvicorn closes the listening socket, waits for requests in flight
+
+        def handle_exit(self, sig, frame):
+            app.state.draining = True
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
     return DrainingServer(config), app
+
+
+def _exit_with_parent(server, pid: int) -> None:
+    """A server started by a notebook must not outlive a kernel that was killed before it could stop it."""
+    import os
+    import threading
+    import time
+
+    def watch():
+        while not server.should_exit:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(f"labkit.serve: parent process {pid} is gone; draining and exiting", flush=True)
+                server.drain()
+                return
+            except PermissionError:  # alive, owned by someone else
+                pass
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv=None) -> None:
@@ -109,6 +136,8 @@ def main(argv=None) -> None:
         server, _ = make_server(args)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if args.parent_pid:
+        _exit_with_parent(server, args.parent_pid)
     print(f"labkit.serve: {args.engine} serving {args.served_model_name or args.model} on "
           f"http://{args.host}:{args.port}/v1", flush=True)
     server.run()

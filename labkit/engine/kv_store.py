@@ -93,7 +93,7 @@ class TorchGroup:
         return cls(tables, lens, index, valid, pos, index[valid])
 
     def to(self, device) -> "TorchGroup":
-        return TorchGroup(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
+        return TorchGroup(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
 
 
 class PagedKVStore(KVCache):
@@ -172,17 +172,41 @@ class PagedKVStore(KVCache):
         return self._attend_torch(q_t, k_cache, v_cache, meta).transpose(0, 1)[None]
 
     def _attend_torch(self, q_t, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        """Per group (decodes, prefills): pad the packed queries into (S, Hq, max_q, D), gather each
-        sequence's blocks, plain torch; rows go back to their packed places."""
+        """Per group (decodes, prefills): gather each sequence's blocks, plain torch; rows go back to their
+        packed places. Prefills pad their queries into (S, Hq, max_q, D) for attention_ref."""
         out = torch.empty_like(q_t)  # (N, Hq, D)
         for g in meta.torch_groups:
             S, width = g.block_tables.shape
             span = width * self.block_size
-            keys = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2).to(q_t.dtype)  # (S, Hkv, span, D)
-            values = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2).to(q_t.dtype)
             k_pos = torch.arange(span, device=q_t.device).expand(S, span)
             k_valid = k_pos < g.seq_lens[:, None]
+            keys = k_cache[g.block_tables].view(S, span, *k_cache.shape[2:])  # (S, span, Hkv, D)
+            values = v_cache[g.block_tables].view(S, span, *v_cache.shape[2:])
+            if g.q_index.shape[1] == 1:  # decodes: one query each
+                out[g.out_index] = _decode_attention(q_t[g.q_index[:, 0]], keys, values, k_valid)
+                continue
+            keys = keys.transpose(1, 2).to(q_t.dtype)  # (S, Hkv, span, D)
+            values = values.transpose(1, 2).to(q_t.dtype)
             q_pad = q_t[g.q_index].transpose(1, 2)  # (S, Hq, max_q, D)
             o = attention_ref(q_pad, keys, values, g.q_pos, k_pos, k_valid)  # (S, Hq, max_q, D)
             out[g.out_index] = o.transpose(1, 2)[g.q_valid]  # valid rows, back in packed order
         return out
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
+    """One query per sequence, grouped-query attention read straight from the gathered blocks.
+
+    q: (S, Hq, D); k, v: (S, span, Hkv, D) as the blocks lie; k_valid: (S, span). The Hq // Hkv query heads
+    of a group are stacked against their one KV head, so K and V are read once and never transposed
+    (attention_ref repeats them per query head, which on the CPU costs more than the attention itself).
+    Slots past a sequence's length may hold anything, even NaN: their scores are set to -inf and their
+    values to 0, so they add exactly nothing.
+    """
+    S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(S, Hkv, Hq // Hkv, D).float()  # (S, Hkv, G, D)
+    scores = torch.einsum("shgd,sthd->shgt", qg, k.float()) * D ** -0.5  # (S, Hkv, G, span)
+    scores = scores.masked_fill(~k_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    values = torch.where(k_valid[:, :, None, None], v.float(), 0.0)
+    return torch.einsum("shgt,sthd->shgd", probs, values).reshape(S, Hq, D).to(q.dtype)  # (S, Hq, D)

@@ -127,13 +127,13 @@ def create_app(backend: Backend, tokenizer, model_name: str, tenants: Tenants | 
         return out
 
     def submit(req: protocol.GenerationRequest, prompt_ids: list[list[int]], salt) -> list[RequestStream]:
-        streams = []
+        streams, queue = [], asyncio.Queue()  # one queue for the HTTP request, whatever its n
         try:
             for ids in prompt_ids:
                 max_tokens = req.max_tokens if req.max_tokens is not None else backend.max_model_len - len(ids)
                 backend.check(len(ids), max_tokens)
                 for i in range(req.n):
-                    streams.append(backend.submit(ids, req.sampling_params(max_tokens, i), salt))
+                    streams.append(backend.submit(ids, req.sampling_params(max_tokens, i), salt, queue))
         except APIError:
             for s in streams:
                 backend.abort(s)
@@ -164,41 +164,35 @@ def create_app(backend: Backend, tokenizer, model_name: str, tenants: Tenants | 
 
     async def _events(streams: list[RequestStream], stop: list[str], deadline: float):
         """(choice index, text delta, finish_reason) in arrival order across the choices; aborts what is left
-        when the consumer stops (client gone, timeout)."""
+        when the consumer stops (client gone, timeout). One timer per request, not one per token."""
         detoks = [IncrementalDetokenizer(tokenizer, stop) for _ in streams]
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i, s):
-            while True:
-                ev = await s.get()
-                await merged.put((i, ev))
-                if isinstance(ev, ErrorEvent) or ev.finish_reason is not None:
-                    return
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        index = {s.request_id: i for i, s in enumerate(streams)}
+        queue = streams[0].queue
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + max(0.0, deadline - time.perf_counter()), queue.put_nowait, (None, None))
         open_ = set(range(len(streams)))
         try:
             while open_:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                stream, ev = await queue.get()
+                if stream is None:
                     raise TimeoutError
-                i, ev = await asyncio.wait_for(merged.get(), remaining)
+                i = index[stream.request_id]
+                if i not in open_:  # a late event of a choice already ended by a stop string
+                    continue
                 if isinstance(ev, ErrorEvent):
                     raise _Failed(ev.message)
                 text = detoks[i].add(ev.token_ids)
                 finish = ev.finish_reason
                 if detoks[i].stopped:  # a stop string: the answer ends here, the engine stops generating
                     finish = "stop"
-                    backend.abort(streams[i])
-                    streams[i].finish_reason = "stop"
-                    tasks[i].cancel()
+                    backend.abort(stream)
+                    stream.finish_reason = "stop"
                 if finish is not None:
                     text += detoks[i].flush()
                     open_.discard(i)
                 yield i, text, finish
         finally:
-            for t in tasks:
-                t.cancel()
+            timer.cancel()
             for s in streams:
                 backend.abort(s)  # no-op for the finished ones
                 metrics.observe(s)

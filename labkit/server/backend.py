@@ -4,7 +4,7 @@ hand-off between the asyncio front end and the one thread that runs the model.
     HTTP handler (asyncio)                      backend thread (the only one touching the model)
     submit() -> RequestStream ---inbox----->    ("add", id, prompt ids, params, salt)
     abort(stream)             ---inbox----->    ("abort", id)
-    stream.get()  <---call_soon_threadsafe---   [(id, TokenEvent(new ids, finish_reason, time)), ...] once a step
+    request queue <---call_soon_threadsafe---   [(id, TokenEvent(new ids, finish_reason, time)), ...] once a step
 
 Nothing on the asyncio side waits for the model, and nothing in the thread touches an asyncio object
 except through ``loop.call_soon_threadsafe``. ``capacity`` bounds the requests in flight (running +
@@ -38,24 +38,25 @@ class ErrorEvent:
 
 
 class RequestStream:
-    """One request's events, read by its HTTP handler. Times are ``time.perf_counter()`` seconds."""
+    """One engine request (one choice of an HTTP request). Its events go to ``queue`` as (stream, event):
+    the HTTP request's own queue, shared by its ``n`` choices. Times are ``time.perf_counter()`` seconds."""
 
-    def __init__(self, request_id: int, num_prompt_tokens: int):
+    def __init__(self, request_id: int, num_prompt_tokens: int, queue: asyncio.Queue | None = None):
         self.request_id, self.num_prompt_tokens = request_id, num_prompt_tokens
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue = queue if queue is not None else asyncio.Queue()
         self.received_s = time.perf_counter()
         self.token_times: list[float] = []
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
 
-    async def get(self):
-        event = await self.queue.get()
+    def push(self, event) -> None:
+        """Record an event and queue it for the handler (asyncio thread only)."""
         if isinstance(event, TokenEvent):
             self.num_output_tokens += len(event.token_ids)
             self.token_times += [event.t] * len(event.token_ids)
             if event.finish_reason is not None:
                 self.finish_reason = event.finish_reason
-        return event
+        self.queue.put_nowait((self, event))
 
 
 class Backend:
@@ -102,7 +103,8 @@ class Backend:
                                 f"{num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt, {max_tokens} in "
                                 "the completion). Lower max_tokens or shorten the prompt.", "max_tokens")
 
-    def submit(self, prompt_ids: list[int], params, cache_salt: str | None = None) -> RequestStream:
+    def submit(self, prompt_ids: list[int], params, cache_salt: str | None = None,
+               queue: asyncio.Queue | None = None) -> RequestStream:
         if self.error is not None:
             raise APIError(500, f"the {self.name} loop has stopped: {self.error.splitlines()[-1]}",
                            type="internal_server_error")
@@ -110,7 +112,7 @@ class Backend:
             raise APIError(503, f"the server is at capacity ({len(self.streams)} requests in flight: {self.num_slots} "
                                 f"running + {self.max_waiting} waiting); retry after {RETRY_AFTER_S} s",
                            type="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
-        stream = RequestStream(next(self._ids), len(prompt_ids))
+        stream = RequestStream(next(self._ids), len(prompt_ids), queue)
         self.streams[stream.request_id] = stream
         self.inbox.put(("add", stream.request_id, prompt_ids, params, cache_salt))
         return stream
@@ -134,7 +136,7 @@ class Backend:
             stream = self.streams.get(rid)
             if stream is None:  # aborted meanwhile
                 continue
-            stream.queue.put_nowait(event)
+            stream.push(event)
             if isinstance(event, ErrorEvent) or event.finish_reason is not None:
                 del self.streams[rid]
 
@@ -154,7 +156,7 @@ class Backend:
 
     def _fail_all(self, message: str) -> None:
         for stream in self.streams.values():
-            stream.queue.put_nowait(ErrorEvent(f"the {self.name} loop stopped: {message}"))
+            stream.push(ErrorEvent(f"the {self.name} loop stopped: {message}"))
         self.streams.clear()
 
     def _commands(self, block: bool) -> list[tuple]:

@@ -16,6 +16,13 @@ from labkit.kv_cache import ContiguousCache
 from labkit.server.backend import Backend, ErrorEvent, TokenEvent
 
 
+def burst_ttft(num_users: int, service_s: float, first_token_s: float) -> list[float]:
+    """TTFT of each of ``num_users`` requests that reach a one-at-a-time server together, each answer taking
+    ``service_s`` and its first token ``first_token_s`` after it starts: the k-th waits for k answers.
+    The last user's TTFT grows linearly with the number of users: the demo that fell over."""
+    return [k * service_s + first_token_s for k in range(num_users)]
+
+
 class _Aborted(Exception):
     pass
 

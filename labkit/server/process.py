@@ -12,6 +12,7 @@ it starts run the same code.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
 import signal
@@ -39,7 +40,7 @@ class ServerProcess:
 
         self.model = str(model or DEFAULT_MODEL_DIR)
         self.port = port or free_port()
-        self.args = ["--model", self.model, "--port", str(self.port), *args]
+        self.args = ["--model", self.model, "--port", str(self.port), "--parent-pid", str(os.getpid()), *args]
         if threads:
             self.args += ["--threads", str(threads)]
         self.startup_timeout = startup_timeout
@@ -56,9 +57,15 @@ class ServerProcess:
         self.log.flush()
         return "\n".join(pathlib.Path(self.log.name).read_text().splitlines()[-n:])
 
-    def start(self) -> "ServerProcess":
+    def launch(self) -> "ServerProcess":
+        """Start the process and return at once (several servers then load their models side by side)."""
+        atexit.register(self.stop)
         self.proc = subprocess.Popen([sys.executable, "-m", "labkit.serve", *self.args], stdout=self.log,
                                      stderr=subprocess.STDOUT, env=self.env, cwd=REPO_ROOT)
+        return self
+
+    def wait_ready(self) -> "ServerProcess":
+        """Until ``GET /health`` answers 200; an error with the log's tail if the server exits or times out."""
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -72,6 +79,9 @@ class ServerProcess:
                 time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"the server did not answer /health within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def start(self) -> "ServerProcess":
+        return self.launch().wait_ready()
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait for the drain; SIGKILL (and an error) if it does not exit within ``timeout``."""
