@@ -9,7 +9,8 @@ import torch
 import labkit  # noqa: F401
 from labkit.checkpoint import DEFAULT_MODEL_DIR, load_pretrained
 from labkit.engine import EngineConfig, LLMEngine
-from labkit.loadtest import RequestResult, check_url, make_prompts, parse_slo, run_load, summarize, sweep_figure
+from labkit.loadtest import RequestResult, check_url, make_prompts, parse_slo, run_load, summarize
+from labkit.loadtest_figures import sweep_figure
 from labkit.server import EngineBackend, create_app
 from labkit.server.dashboard import LiveDashboard, scrape
 from labkit.server.process import ThreadedServer

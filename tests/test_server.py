@@ -94,7 +94,8 @@ def test_openai_client_completions_chat_streaming(server, shipped):
     assert [m.id for m in client.models.list()] == [MODEL]
     want, want_ids = reference_text(model, tok, PROMPT, 24)
 
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
+                                  extra_body={"ignore_eos": True})
     assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens == len(tok.encode(PROMPT))
 

@@ -143,7 +143,8 @@ def create_app(backend: Backend, tokenizer, model_name: str, tenants: Tenants | 
     async def _generate(request: Request, chat: bool):
         try:
             if app.state.draining:
-                raise APIError(503, "the server is shutting down and takes no new requests", type="server_shutting_down",
+                raise APIError(503, "the server is shutting down and takes no new requests",
+                               type="server_shutting_down",
                                headers={"Retry-After": "1", "Connection": "close"})
             tenant = tenants.authenticate(request.headers.get("authorization"))
             req = protocol.parse_request(protocol.parse_json(await request.body()), chat)
