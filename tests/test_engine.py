@@ -286,3 +286,11 @@ def test_engine_through_the_triton_kernels_in_the_interpreter():
     for s, p in zip(seqs, prompts):
         assert s.output_token_ids == reference(tiny, p, params)
     assert_pool_whole(engine)
+def test_step_returns_every_sequence_that_sampled_including_its_prefill(model):
+    """A server streams what step() returns: the prefill's token (the first token) must be in it."""
+    engine = make_engine(model, EngineConfig(num_blocks=64, block_size=4))
+    seq = engine.add_request([3, 1, 4, 1, 5], SamplingParams(max_tokens=3))
+    got = []
+    while engine.has_unfinished():
+        got += [s.token_ids[-1] for s in engine.step() if s is seq]
+    assert got == seq.output_token_ids and len(got) == 3

@@ -33,10 +33,8 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # (num_seqs + 1,) int32: packed query rows of each sequence
     max_query_len: int  # a host int, so no kernel launch has to read it back
     decode_only: bool
-    # plain-torch path: packed token -> (sequence, row) of a padded batch
-    q_index: torch.Tensor | None = None  # (num_seqs, max_query_len) int64 into the packed tokens
-    q_valid: torch.Tensor | None = None  # (num_seqs, max_query_len) bool
-    q_pos: torch.Tensor | None = None  # (num_seqs, max_query_len) int64 positions
+    # plain-torch path: the decodes and the prefills as two padded batches (see TorchGroup)
+    torch_groups: list["TorchGroup"] | None = None
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], slots: list[int],
@@ -52,18 +50,50 @@ class AttentionMetadata:
         meta = cls(torch.tensor(slots, dtype=torch.int64), tables, torch.tensor(seq_lens, dtype=torch.int32), cu,
                    max_q, max_q == 1)
         if with_torch_path:
-            rows = torch.arange(max_q)
-            meta.q_valid = rows[None, :] < q_lens[:, None].long()  # (S, max_q)
-            meta.q_index = torch.where(meta.q_valid, cu[:-1, None].long() + rows[None, :], 0)
-            start = torch.tensor(seq_lens, dtype=torch.int64) - q_lens.long()
-            meta.q_pos = torch.where(meta.q_valid, start[:, None] + rows[None, :], 0)
+            # Decodes and prefills apart: padded together, every decode would pay for the longest prefill's
+            # query rows (a step of 63 decodes and one 48-token prompt would cost like 64 prompts).
+            decode = [i for i, n in enumerate(query_lens) if n == 1]
+            prefill = [i for i, n in enumerate(query_lens) if n > 1]
+            meta.torch_groups = [TorchGroup.build(g, query_lens, seq_lens, block_tables, cu)
+                                 for g in (decode, prefill) if g]
         return meta.to(device)
 
     def to(self, device) -> "AttentionMetadata":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        groups = None if self.torch_groups is None else [g.to(device) for g in self.torch_groups]
         return dataclasses.replace(self, slot_mapping=move(self.slot_mapping), block_tables=move(self.block_tables),
                                    seq_lens=move(self.seq_lens), cu_seqlens_q=move(self.cu_seqlens_q),
-                                   q_index=move(self.q_index), q_valid=move(self.q_valid), q_pos=move(self.q_pos))
+                                   torch_groups=groups)
+
+
+@dataclasses.dataclass
+class TorchGroup:
+    """Some of a step's sequences as one padded batch for plain-torch attention."""
+
+    block_tables: torch.Tensor  # (S, width) int64: only these sequences, width = their most blocks
+    seq_lens: torch.Tensor  # (S,) int64
+    q_index: torch.Tensor  # (S, max_q) int64 into the packed tokens
+    q_valid: torch.Tensor  # (S, max_q) bool
+    q_pos: torch.Tensor  # (S, max_q) int64 positions
+    out_index: torch.Tensor  # (valid rows,) int64: where each valid row goes in the packed output
+
+    @classmethod
+    def build(cls, seqs: list[int], query_lens, seq_lens, block_tables, cu) -> "TorchGroup":
+        width = max(1, max(len(block_tables[i]) for i in seqs))
+        tables = torch.zeros(len(seqs), width, dtype=torch.int64)
+        for r, i in enumerate(seqs):
+            tables[r, :len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.int64)
+        q_lens = torch.tensor([query_lens[i] for i in seqs], dtype=torch.int64)
+        lens = torch.tensor([seq_lens[i] for i in seqs], dtype=torch.int64)
+        rows = torch.arange(int(q_lens.max()))
+        valid = rows[None, :] < q_lens[:, None]  # (S, max_q)
+        first = cu[torch.tensor(seqs)].long()  # packed row of each sequence's first new token
+        index = torch.where(valid, first[:, None] + rows[None, :], 0)
+        pos = torch.where(valid, (lens - q_lens)[:, None] + rows[None, :], 0)
+        return cls(tables, lens, index, valid, pos, index[valid])
+
+    def to(self, device) -> "TorchGroup":
+        return TorchGroup(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
 
 
 class PagedKVStore(KVCache):
@@ -142,14 +172,41 @@ class PagedKVStore(KVCache):
         return self._attend_torch(q_t, k_cache, v_cache, meta).transpose(0, 1)[None]
 
     def _attend_torch(self, q_t, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        """Pad the packed queries into (S, Hq, max_q, D), gather each sequence's blocks, plain torch."""
-        S, width = meta.block_tables.shape
-        blocks = meta.block_tables.long()
-        span = width * self.block_size
-        keys = k_cache[blocks].flatten(1, 2).transpose(1, 2).to(q_t.dtype)  # (S, Hkv, span, D)
-        values = v_cache[blocks].flatten(1, 2).transpose(1, 2).to(q_t.dtype)
-        k_pos = torch.arange(span, device=q_t.device).expand(S, span)
-        k_valid = k_pos < meta.seq_lens.long()[:, None]
-        q_pad = q_t[meta.q_index].transpose(1, 2)  # (S, Hq, max_q, D)
-        out = attention_ref(q_pad, keys, values, meta.q_pos, k_pos, k_valid)  # (S, Hq, max_q, D)
-        return out.transpose(1, 2)[meta.q_valid]  # (N, Hq, D): valid rows in packed order
+        """Per group (decodes, prefills): gather each sequence's blocks, plain torch; rows go back to their
+        packed places. Prefills pad their queries into (S, Hq, max_q, D) for attention_ref."""
+        out = torch.empty_like(q_t)  # (N, Hq, D)
+        for g in meta.torch_groups:
+            S, width = g.block_tables.shape
+            span = width * self.block_size
+            k_pos = torch.arange(span, device=q_t.device).expand(S, span)
+            k_valid = k_pos < g.seq_lens[:, None]
+            keys = k_cache[g.block_tables].view(S, span, *k_cache.shape[2:])  # (S, span, Hkv, D)
+            values = v_cache[g.block_tables].view(S, span, *v_cache.shape[2:])
+            if g.q_index.shape[1] == 1:  # decodes: one query each
+                out[g.out_index] = _decode_attention(q_t[g.q_index[:, 0]], keys, values, k_valid)
+                continue
+            keys = keys.transpose(1, 2).to(q_t.dtype)  # (S, Hkv, span, D)
+            values = values.transpose(1, 2).to(q_t.dtype)
+            q_pad = q_t[g.q_index].transpose(1, 2)  # (S, Hq, max_q, D)
+            o = attention_ref(q_pad, keys, values, g.q_pos, k_pos, k_valid)  # (S, Hq, max_q, D)
+            out[g.out_index] = o.transpose(1, 2)[g.q_valid]  # valid rows, back in packed order
+        return out
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
+    """One query per sequence, grouped-query attention read straight from the gathered blocks.
+
+    q: (S, Hq, D); k, v: (S, span, Hkv, D) as the blocks lie; k_valid: (S, span). The Hq // Hkv query heads
+    of a group are stacked against their one KV head, so K and V are read once and never transposed
+    (attention_ref repeats them per query head, which on the CPU costs more than the attention itself).
+    Slots past a sequence's length may hold anything, even NaN: their scores are set to -inf and their
+    values to 0, so they add exactly nothing.
+    """
+    S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(S, Hkv, Hq // Hkv, D).float()  # (S, Hkv, G, D)
+    scores = torch.einsum("shgd,sthd->shgt", qg, k.float()) * D ** -0.5  # (S, Hkv, G, span)
+    scores = scores.masked_fill(~k_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    values = torch.where(k_valid[:, :, None, None], v.float(), 0.0)
+    return torch.einsum("shgt,sthd->shgd", probs, values).reshape(S, Hq, D).to(q.dtype)  # (S, Hq, D)

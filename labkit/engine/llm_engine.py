@@ -52,7 +52,7 @@ class LLMEngine:
     given :class:`EngineConfig`. ``model_config`` (a LlamaConfig) is needed when there is no model."""
 
     def __init__(self, model=None, config: EngineConfig | None = None, *, runner=None, model_config=None,
-                 eos_token_ids=None, clock: str = "virtual"):
+                 eos_token_ids=None, clock: str = "virtual", history_limit: int | None = None):
         config = EngineConfig() if config is None else config
         if clock not in ("virtual", "wall"):
             raise ValueError(f"clock must be 'virtual' or 'wall', got {clock!r}")
@@ -77,6 +77,12 @@ class LLMEngine:
         self.pending: list[Sequence] = []  # added, not arrived yet (virtual clock)
         self.history: list[StepRecord] = []
         self.observers: list = []  # called as f(engine, scheduler_output) after each forward (labkit.pool_history)
+        # a long-running server keeps only the last history_limit steps; the counters stay cumulative
+        if history_limit is not None and (not isinstance(history_limit, int) or history_limit < 0):
+            raise ValueError(f"history_limit must be an integer >= 0 or None, got {history_limit!r}")
+        self.history_limit = history_limit
+        self.num_steps = 0
+        self.num_preemptions = 0
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------------
@@ -148,6 +154,15 @@ class LLMEngine:
         self.scheduler.abort(seq, self._clock())
         return True
 
+    def forget(self, request_id) -> None:
+        """Drop a finished request's record, so a server that runs for days keeps flat memory."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            raise KeyError(f"no request {request_id!r}")
+        if not seq.is_finished:
+            raise ValueError(f"request {request_id!r} is still {seq.status.value}; abort it before forgetting it")
+        del self.requests[request_id]
+
     def has_unfinished(self) -> bool:
         return bool(self.pending) or self.scheduler.has_work()
 
@@ -178,6 +193,8 @@ class LLMEngine:
             if seq.admitted_s is None:
                 seq.admitted_s = start
         tokens = self.runner.execute(out)
+        sampled = [s.seq for s in out.scheduled if s.samples]  # before postprocess moves num_computed_tokens on
+        decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1 and s.samples and s.seq.num_output_tokens)
         if self.clock == "virtual":
             self.now += self.runner.last_step_seconds
         now = self._clock()
@@ -185,18 +202,21 @@ class LLMEngine:
             observe(self, out)
         finished = self.scheduler.postprocess(out, tokens, now)
         bm = self.block_manager
-        prefill = sum(s.num_new_tokens for s in out.scheduled if not (s.num_new_tokens == 1 and s.samples
-                                                                       and s.seq.num_output_tokens > 1))
+        prefill = out.num_batched_tokens - decodes  # prompt chunks and recomputation
         self.history.append(StepRecord(
-            step=len(self.history), start_s=start, seconds=now - start, num_seqs=len(out.scheduled),
-            num_prefill_tokens=prefill, num_decode_tokens=out.num_batched_tokens - prefill,
+            step=self.num_steps, start_s=start, seconds=now - start, num_seqs=len(out.scheduled),
+            num_prefill_tokens=prefill, num_decode_tokens=decodes,
             num_blocks_used=bm.num_used_blocks, num_blocks_free=bm.num_free_blocks,
             num_used_slots=bm.num_used_slots(), num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting), num_swapped=len(self.scheduler.swapped),
             admitted=[s.seq_id for s in out.admitted], preempted=[s.seq_id for s in out.preempted],
             swapped_out_blocks=len(out.swap_out), swapped_in_blocks=len(out.swap_in),
             cached_tokens=sum(s.num_cached_tokens for s in out.admitted), finished=[s.seq_id for s in finished]))
-        return [s.seq for s in out.scheduled if s.samples]
+        self.num_steps += 1
+        self.num_preemptions += len(out.preempted)
+        if self.history_limit is not None and len(self.history) > self.history_limit:
+            del self.history[:len(self.history) - self.history_limit]
+        return sampled
 
     def run(self, max_steps: int | None = None) -> list[Sequence]:
         """Step until every request has finished; returns them in request order."""
@@ -219,8 +239,7 @@ class LLMEngine:
                 "kv_blocks_used": bm.num_used_blocks, "kv_blocks_free": bm.num_free_blocks,
                 "kv_blocks_total": bm.num_blocks,
                 "prefix_cache_queries_tokens": hits["queried_tokens"], "prefix_cache_hits_tokens": hits["hit_tokens"],
-                "num_preemptions": sum(len(r.preempted) for r in self.history),
-                "num_steps": len(self.history)}
+                "num_preemptions": self.num_preemptions, "num_steps": self.num_steps}
 
 
 @dataclasses.dataclass
