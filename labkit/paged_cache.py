@@ -19,7 +19,7 @@ from kernels.paged_attention import paged_attention
 from labkit.attention import attention_ref
 from labkit.config import LlamaConfig
 from labkit.device import MODE
-from labkit.kv_cache import KVCache
+from labkit.kv_cache import KVCache, check_cache_dtype
 from labkit.paged import BlockManager, blocks_needed
 
 __all__ = ["PagedCache"]
@@ -35,6 +35,7 @@ class PagedCache(KVCache):
 
     def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", backend: str = "auto"):
+        check_cache_dtype(dtype, "PagedCache")
         self._setup(config, num_blocks, block_size, device, backend)
         self.dtype = dtype
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
