@@ -23,9 +23,11 @@ from labkit.config import LlamaConfig
 from labkit.tokenizer import Tokenizer
 
 __all__ = ["Tokenizer", "load_pretrained", "save_pretrained", "load_state_dict", "build_model", "check_device",
-           "load_default_model", "DEFAULT_MODEL_DIR"]
+           "load_default_model", "DEFAULT_MODEL_DIR", "SMOLLM2_GGUF"]
 
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "model"
+# A real instruct model nobody here trained, fetched by `make models` (git-ignored): notebooks 00 and 08, tests.
+SMOLLM2_GGUF = pathlib.Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANT_METHOD = "labkit"  # config.json "quantization_config": {"quant_method": "labkit", "scheme": ..., ...}
 
 

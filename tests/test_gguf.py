@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import labkit  # noqa: F401
-from labkit.checkpoint import load_pretrained
+from labkit.checkpoint import SMOLLM2_GGUF, load_pretrained
 from labkit.generate import generate
 from labkit.gguf_loader import load_gguf, read_gguf
 from labkit.quant import QuantLinear
@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = SMOLLM2_GGUF
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2.relative_to(ROOT)} is missing: `make models` "
                                    "fetches it (CI does, through `make test`)")
 Q = gguf.GGMLQuantizationType
