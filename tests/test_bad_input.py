@@ -299,6 +299,13 @@ def test_quality_usage_errors(argv, match, capsys):
     assert __import__("re").search(match, run_cli(main, argv, capsys))
 
 
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_kv_quant_max_tokens(value, capsys):
+    from labkit.kv_quant import main
+
+    assert run_cli(main, ["--max-tokens", value], capsys).endswith(f"--max-tokens must be >= 1, got {value}")
+
+
 def test_a_usage_error_is_one_line_and_exit_2_from_the_shell():
     r = subprocess.run([sys.executable, "-m", "labkit.evaluate", "--max-tokens", "-5"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
