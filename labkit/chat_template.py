@@ -75,7 +75,8 @@ def _compile(template: str):
 def check_messages(messages) -> list[dict]:
     """A conversation is a list of {"role": str, "content": ...} dicts; say which message is wrong if not."""
     if isinstance(messages, (str, dict)) or not hasattr(messages, "__iter__"):
-        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts, "
+                         f"got {type(messages).__name__}")
     messages = list(messages)
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:

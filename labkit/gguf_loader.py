@@ -29,7 +29,7 @@ import torch
 from labkit.config import LlamaConfig
 from labkit.tokenizer import Tokenizer
 
-__all__ = ["load_gguf", "read_gguf", "config_from_gguf", "tokenizer_from_gguf", "unpermute"]
+__all__ = ["load_gguf", "read_gguf", "config_from_gguf", "tokenizer_from_gguf", "read_tensors", "unpermute"]
 
 SUPPORTED = ("llama", "qwen2")
 PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
@@ -81,7 +81,8 @@ def _meta(reader, key: str, default=None):
 def config_from_gguf(reader, source: str = "GGUF") -> LlamaConfig:
     arch = _meta(reader, "general.architecture")
     if arch not in SUPPORTED:
-        raise ValueError(f"{source}: general.architecture is {arch!r}; labkit reads Llama-family GGUF files {SUPPORTED}")
+        raise ValueError(f"{source}: general.architecture is {arch!r}; labkit reads Llama-family GGUF files "
+                         f"{SUPPORTED}")
 
     def need(key):
         value = _meta(reader, f"{arch}.{key}")
@@ -130,7 +131,7 @@ def config_from_gguf(reader, source: str = "GGUF") -> LlamaConfig:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (byte-level BPE spells every token with these)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -181,11 +182,12 @@ def tokenizer_from_gguf(reader, config: LlamaConfig, source: str = "GGUF") -> To
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4])
     add_bos = _meta(reader, "tokenizer.ggml.add_bos_token", pre in BOS_BY_DEFAULT)
     add_eos = _meta(reader, "tokenizer.ggml.add_eos_token", False)
-    special = {name: tokens[i] if i is not None else None for name, i in (
-        ("bos_token", config.bos_token_id), ("unk_token", _meta(reader, "tokenizer.ggml.unknown_token_id")),
-        ("pad_token", _meta(reader, "tokenizer.ggml.padding_token_id")))}
-    special["eos_token"] = tokens[_meta(reader, "tokenizer.ggml.eos_token_id")] \
-        if _meta(reader, "tokenizer.ggml.eos_token_id") is not None else None
+    special_ids = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                   "pad_token": "padding_token_id"}  # the template variables transformers passes, as text
+    special = {}
+    for name, key in special_ids.items():
+        token_id = _meta(reader, f"tokenizer.ggml.{key}")
+        special[name] = tokens[token_id] if token_id is not None else None
     return Tokenizer.from_backend(tok, eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id,
                                   add_bos_token=bool(add_bos), add_eos_token=bool(add_eos),
                                   chat_template=_meta(reader, "tokenizer.chat_template"), special_tokens=special)

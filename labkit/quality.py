@@ -93,7 +93,8 @@ def quality_table(model, tokenizer, variants=DEFAULT_VARIANTS, max_tokens: int =
         ref_tokens = tokens if ref_tokens is None else ref_tokens
         ref_ppl = math.exp(loss) if ref_ppl is None else ref_ppl
         same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
-        rows.append({"variant": variant, "perplexity": math.exp(loss), "delta_pct": 100 * (math.exp(loss) / ref_ppl - 1),
+        rows.append({"variant": variant, "perplexity": math.exp(loss),
+                     "delta_pct": 100 * (math.exp(loss) / ref_ppl - 1),
                      "linear_bytes": weight_bytes(m, skip=("lm_head",))["linears"], "tokens_scored": scored,
                      "sample": tokenizer.decode(tokens), "same_tokens": same, "seconds": time.perf_counter() - start})
         del m
@@ -153,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is not None:
         device = (torch.cuda.get_device_name() if str(args.device).startswith("cuda")
                   else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+        command = "python -m labkit.quality " + " ".join(sys.argv[1:] if argv is None else argv)
         record = {"model": source, "prompt": PROMPT, "sample_tokens": args.sample_tokens, "rows": rows,
-                  "provenance": {"command": "python -m labkit.quality " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "provenance": {"command": command,
                                  "device": device, "torch": torch.__version__, "seconds": round(seconds, 1),
                                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}}
         args.out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")

@@ -205,6 +205,10 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     return dequantize_int4(qt.qweight, qt.scales, qt.zeros, qt.scheme.group_size, qt.in_features, dtype)
 
 
+def _spec(t: torch.Tensor | None):
+    return None if t is None else (t.dtype, tuple(t.shape))
+
+
 def _padded(k: int, scheme: QuantScheme) -> int:
     return k if scheme.bits == 8 else -(-k // scheme.group_size) * scheme.group_size
 
@@ -258,9 +262,8 @@ class QuantLinear(nn.Module):
                     pad or qt.in_features != _padded(qt.in_features, qt.scheme), device=qt.qweight.device)
         for name in ("qweight", "scales", "zeros", "mins"):
             want, got = getattr(layer, name), getattr(qt, name)
-            if (want is None) != (got is None) or want is not None and (want.shape != got.shape or want.dtype != got.dtype):
-                raise ValueError(f"{qt.scheme.name}: {name} is {None if got is None else (got.dtype, tuple(got.shape))}, "
-                                 f"expected {None if want is None else (want.dtype, tuple(want.shape))}")
+            if _spec(want) != _spec(got):
+                raise ValueError(f"{qt.scheme.name}: {name} is {_spec(got)}, expected {_spec(want)}")
             if got is not None:
                 setattr(layer, name, got)
         if bias is not None:

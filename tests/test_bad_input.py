@@ -291,7 +291,7 @@ def test_evaluate_without_a_tokenizer_says_how_to_save_one(saved_dir, tmp_path, 
     (["--sample-tokens", "0"], r"--sample-tokens must be >= 1, got 0"),
     (["--variants", "int3"], r"argument --variants: invalid choice: 'int3'"),
     (["--model", "missing.gguf"], r"--model missing.gguf: no such directory or file"),
-    (["--out", "no/such/folder/table.json"], r"--out no/such/folder/table.json: the folder no/such/folder does not exist"),
+    (["--out", "no/such/dir/t.json"], r"--out no/such/dir/t.json: the folder no/such/dir does not exist"),
 ])
 def test_quality_usage_errors(argv, match, capsys):
     from labkit.quality import main
@@ -310,4 +310,5 @@ def test_a_usage_error_is_one_line_and_exit_2_from_the_shell():
     r = subprocess.run([sys.executable, "-m", "labkit.evaluate", "--max-tokens", "-5"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].endswith("--max-tokens must be >= 0 (0 scores every held-out token), got -5")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.endswith("--max-tokens must be >= 0 (0 scores every held-out token), got -5")

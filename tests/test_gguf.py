@@ -24,8 +24,8 @@ pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOLLM2 = SMOLLM2_GGUF
-needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2.relative_to(ROOT)} is missing: `make models` "
-                                   "fetches it (CI does, through `make test`)")
+needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2.relative_to(ROOT)} is missing: "
+                                   "`make models` fetches it (CI does, through `make test`)")
 Q = gguf.GGMLQuantizationType
 
 # ---------------------------------------------------------------------------------------------- tiny files
