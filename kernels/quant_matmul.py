@@ -710,3 +710,53 @@ def int4_matmul_ref(x, qweight, scales, zeros, group_size, *, config=None):
     x, qweight, scales, zeros = _check_int4(x, qweight, scales, zeros, group_size)
     w = dequantize_int4(qweight, scales, zeros, group_size, x.shape[1])
     return (x.float() @ w.T).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- int4 with a float minimum
+# GGUF's Q4_1 (and labkit's int4_fminG) store w = q * scale + min per group, min any float. Written out,
+#     y[n] = sum_g scale[n, g] * (q[n, g, :] . x[g]) + sum_g min[n, g] * sum(x[g])
+# the first sum is exactly the zero-point kernel above with every zero = 0 (the fp16 paths subtract
+# 1024 + 0 exactly), the second one small matmul of the groups' input sums (m, KP / G) with the minima:
+# 1/G of the weight-side work, no change to the hot loop. (A float zero = -min / scale inside the kernel
+# would not be exact in the fp16-pair paths, which subtract 1024 + zero in fp16.) Caveat: the two sums can
+# largely cancel, so with fp16 x the kernel's fp16 output rounding is relatively larger than zero-point's.
+def _group_sums(x: torch.Tensor, group_size: int, kp: int) -> torch.Tensor:
+    """(m, KP / G) fp32: the sum of x over each group of G inputs (zero padding past k)."""
+    xf = torch.nn.functional.pad(x.float(), (0, kp - x.shape[1]))
+    return xf.reshape(x.shape[0], kp // group_size, group_size).sum(-1)
+
+
+def _check_int4_fmin(x, qweight, scales, mins, group_size):
+    zeros = torch.zeros(scales.shape, dtype=torch.uint8, device=qweight.device)
+    x, qweight, scales, zeros = _check_int4(x, qweight, scales, zeros, group_size)
+    if mins.shape != scales.shape or mins.dtype not in _FLOATS or mins.device != qweight.device:
+        raise ValueError(f"mins must be float {tuple(scales.shape)} on {qweight.device}, got {mins.dtype} "
+                         f"{tuple(mins.shape)} on {mins.device}")
+    return x, qweight, scales, zeros, mins.contiguous()
+
+
+def int4_fmin_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                     group_size: int, *, config: dict | None = None):
+    """y = x @ W^T with W = q * scale + min group by group (Q4_1's grid): the int4 kernel with zero points 0,
+    plus the minima times the groups' input sums. Shapes as :func:`int4_matmul`, ``mins`` like ``scales``."""
+    x, qweight, scales, zeros, mins = _check_int4_fmin(x, qweight, scales, mins, group_size)
+    y = int4_matmul(x, qweight, scales, zeros, group_size, config=config)
+    return (y.float() + _group_sums(x, group_size, 2 * qweight.shape[1]) @ mins.float().T).to(x.dtype)
+
+
+def dequantize_int4_fmin(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                         in_features: int | None = None, dtype=torch.float32) -> torch.Tensor:
+    """(n, kp // 2) packed codes -> (n, in_features) float: q * scale + min, group by group (fp32 maths, in
+    the order gguf's own Q4_1 dequantiser uses, so a Q4_1 tensor dequantises to the same bits)."""
+    q = unpack_int4(qweight, group_size).float()  # (N, KP)
+    n, kp = q.shape
+    q = q.reshape(n, kp // group_size, group_size)
+    w = q * scales.float()[:, :, None] + mins.float()[:, :, None]
+    return w.reshape(n, kp)[:, : (in_features or kp)].to(dtype)
+
+
+def int4_fmin_matmul_ref(x, qweight, scales, mins, group_size, *, config=None):
+    """Plain-torch :func:`int4_fmin_matmul` (dequantise, then an fp32 matmul). ``config`` is ignored."""
+    x, qweight, scales, _, mins = _check_int4_fmin(x, qweight, scales, mins, group_size)
+    w = dequantize_int4_fmin(qweight, scales, mins, group_size, x.shape[1])
+    return (x.float() @ w.T).to(x.dtype)

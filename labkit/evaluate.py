@@ -69,15 +69,27 @@ def mean_loss(model, ids: torch.Tensor, ctx: int | None = None, batch_size: int 
     return total / count, count
 
 
-def evaluate(model_dir: str | pathlib.Path = DEFAULT_MODEL_DIR, max_tokens: int | None = CARD_MAX_TOKENS,
-             device: str = "cpu") -> dict:
-    """Held-out perplexity of ``model_dir`` in fp32 on the first ``max_tokens`` tokens (None: all)."""
+def load_for_evaluation(model_dir: str | pathlib.Path, device: str = "cpu"):
+    """(model, tokenizer) in fp32, or a ValueError / FileNotFoundError saying what the directory lacks."""
     from labkit.checkpoint import load_pretrained
 
-    if device == "cuda":  # fp32 means fp32: no TF32 matmuls
+    model, tokenizer = load_pretrained(model_dir, dtype=torch.float32, device=device)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{model_dir} has no tokenizer.json: perplexity needs the model's own tokenizer; "
+                                "save_pretrained(model, dir, tokenizer=tokenizer) writes it next to the weights")
+    return model, tokenizer
+
+
+def evaluate(model_dir: str | pathlib.Path = DEFAULT_MODEL_DIR, max_tokens: int | None = CARD_MAX_TOKENS,
+             device: str = "cpu", loaded=None) -> dict:
+    """Held-out perplexity of ``model_dir`` (a directory or a .gguf file) in fp32 on the first ``max_tokens``
+    tokens (None: all). ``loaded``: its (model, tokenizer) if already loaded."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be an integer >= 1, or None for every held-out token; got {max_tokens!r}")
+    if str(device).startswith("cuda"):  # fp32 means fp32: no TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    model, tokenizer = load_pretrained(model_dir, dtype=torch.float32, device=device)
+    model, tokenizer = loaded or load_for_evaluation(model_dir, device)
     ids = encode_split(tokenizer)
     heldout_tokens = len(ids)
     if max_tokens:
@@ -236,18 +248,42 @@ this small falls into loops.
     return card
 
 
+def usage_error(parser: argparse.ArgumentParser, error: Exception) -> None:
+    """A user's bad value as argparse reports a bad flag: one line on stderr, exit status 2, no traceback."""
+    parser.error(" ".join(str(error).split()))
+
+
+def load_or_usage_error(parser: argparse.ArgumentParser, model: pathlib.Path, device: str):
+    """A CLI's --model and --device, loaded, or a usage error naming what is wrong with them."""
+    from labkit.checkpoint import check_device
+
+    try:
+        check_device(device)
+    except ValueError as e:
+        usage_error(parser, f"--device: {e}")
+    if not model.exists():
+        usage_error(parser, f"--model {model}: no such directory or file (a model directory, or a .gguf file)")
+    try:
+        return load_for_evaluation(model, device)
+    except (ValueError, FileNotFoundError) as e:
+        usage_error(parser, f"--model {model}: {e}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Held-out perplexity of a model directory (fp32).")
+    parser = argparse.ArgumentParser(description="Held-out perplexity of a model directory or .gguf file (fp32).")
     parser.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--max-tokens", type=int, default=CARD_MAX_TOKENS,
                         help=f"score the first N held-out tokens (default {CARD_MAX_TOKENS}; 0 = all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write-card", action="store_true", help="write MODEL/README.md (the model card)")
     args = parser.parse_args(argv)
+    if args.max_tokens < 0:
+        usage_error(parser, f"--max-tokens must be >= 0 (0 scores every held-out token), got {args.max_tokens}")
     if args.write_card:
         print(write_card(args.model))
         return
-    r = evaluate(args.model, args.max_tokens or None, args.device)
+    loaded = load_or_usage_error(parser, args.model, args.device)
+    r = evaluate(args.model, args.max_tokens or None, args.device, loaded)
     print(f"held-out perplexity {r['perplexity']:.3f} (loss {r['loss']:.4f} nats) over {r['tokens_scored']:,} "
           f"of {r['heldout_tokens']:,} held-out tokens, fp32 on {r['device']}, {r['seconds']:.1f} s")
 

@@ -20,6 +20,18 @@ from labkit.attention import attention_ref
 from labkit.config import LlamaConfig
 
 
+FLOAT_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_cache_dtype(dtype, cache: str) -> None:
+    """A plain cache stores K/V as they are: a dtype without a scale (int8, fp8) would silently destroy them."""
+    if dtype not in FLOAT_CACHE_DTYPES:
+        raise ValueError(f"{cache} stores K/V unscaled, so its dtype must be one of "
+                         f"{[str(d) for d in FLOAT_CACHE_DTYPES]}, got {dtype}; for an int8 or fp8 KV cache use "
+                         "labkit.kv_quant.QuantizedPagedCache(config, num_blocks, kv_format='int8'), which keeps a "
+                         "scale per token and head")
+
+
 class KVCache:
     """Interface: store this step's K/V for ``layer_idx`` and return attention over everything cached."""
 
@@ -49,6 +61,7 @@ class ContiguousCache(KVCache):
     def __init__(self, config: LlamaConfig, batch_size: int, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         max_len = config.max_position_embeddings if max_len is None else max_len
+        check_cache_dtype(dtype, "ContiguousCache")
         if batch_size <= 0 or max_len <= 0:
             raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
         self.config, self.batch_size, self.max_len = config, batch_size, max_len

@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=CARD_MAX_TOKENS)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.max_tokens < 1:
+        from labkit.evaluate import usage_error
+
+        usage_error(parser, f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     model, tokenizer = load_default_model(device=args.device)

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import labkit
-from kernels.quant_matmul import (int4_matmul, int4_matmul_ref, int8_matmul, int8_matmul_ref, pack_int4,
-                                  unpack_int4)
+from kernels.quant_matmul import (int4_fmin_matmul, int4_fmin_matmul_ref, int4_matmul, int4_matmul_ref, int8_matmul,
+                                  int8_matmul_ref, pack_int4, unpack_int4)
 from labkit.quant import (SCHEMES, QuantLinear, dequantize, group_scale_zero, linear_bytes,
                           load_quantized_state_dict, quantize_model, quantize_state_dict, quantize_tensor)
 
@@ -61,9 +61,13 @@ def test_quantize_error_is_within_half_a_step(scheme):
     else:
         g = qt.scheme.group_size
         step = qt.scales.float().repeat_interleave(g, dim=1)
-        assert int(unpack_int4(qt.qweight, g).max()) <= 15 and int(qt.zeros.max()) <= 15
+        assert int(unpack_int4(qt.qweight, g).max()) <= 15 and (qt.zeros is None or int(qt.zeros.max()) <= 15)
     assert ((deq - w).abs() <= step / 2 + 1e-6).all()
-    assert (deq[3, :64] == 0).all(), "zero must be exactly representable"
+    if qt.scheme.float_min:  # 0.0 is on the grid only where a whole group is zero (Q4_1's trade-off)
+        g = qt.scheme.group_size
+        assert (deq[3, : 64 // g * g] == 0).all()
+    else:
+        assert (deq[3, :64] == 0).all(), "zero must be exactly representable"
 
 
 def test_group_scale_zero_of_one_group():
@@ -122,6 +126,44 @@ def test_int4_kernels_match_reference(dtype, group, m, n, k):
         out = int4_matmul(x, qweight, scales, zeros, group, config=cfg)
         assert out.shape == (m, n) and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], f"{cfg}: {rel_err(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k", CASES)
+def test_int4_fmin_kernel_path_matches_reference(dtype, m, n, k):
+    # w = q * scale + min with a free float minimum (Q4_1's grid): the zero-point kernel with zeros = 0 plus
+    # the minima times the groups' input sums. Minima near -7.5 * scale make the two sums cancel, as real ones do.
+    x, qweight, scales, _ = _int4_problem(torch.Generator().manual_seed(m + 3 * n + k), m, n, k, 32, dtype)
+    mins = (-7.5 * scales.float() + 0.1 * torch.randn(scales.shape, generator=torch.Generator().manual_seed(1),
+                                                      device=scales.device)).to(scales.dtype)
+    ref = int4_fmin_matmul_ref(x, qweight, scales, mins, 32)
+    for cfg in (gemv(GROUPS=2), gemv(WORDS=True, GROUPS=2), gemm(GROUPS=2), None):
+        out = int4_fmin_matmul(x, qweight, scales, mins, 32, config=cfg)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert rel_err(out, ref) < 3 * TOL[dtype], f"{cfg}: {rel_err(out, ref):.2e}"
+
+
+def test_float_min_grid_fits_a_range_without_zero_and_q4_1_exactly():
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(16, 128, generator=gen) * 0.1 + 0.2  # every group in [0.2, 0.3]: far from 0
+    err = {s: (dequantize(quantize_tensor(w, s)) - w).abs().max().item() for s in ("int4_g32", "int4_fmin_g32")}
+    assert err["int4_fmin_g32"] < err["int4_g32"] / 2.5, err  # the zero-point grid must stretch down to 0 (3x coarser)
+    # gguf's own Q4_1 of a weight, read as int4_fmin_g32 codes, dequantises to exactly gguf's numbers.
+    w = torch.randn(16, 128, generator=gen) * 0.05
+    blocks = gguf_quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_1).reshape(16, -1, 20)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view("float16")[..., 0])
+    m = torch.from_numpy(blocks[..., 2:4].copy().view("float16")[..., 0])
+    codes = torch.from_numpy(blocks[..., 4:].reshape(16, -1).copy())
+    layer = QuantLinear.from_codes("int4_fmin_g32", codes, d, m, 128)
+    want = torch.from_numpy(gguf_dequantize(blocks.reshape(16, -1), gguf.GGMLQuantizationType.Q4_1))
+    assert torch.equal(layer.dequantized_weight(), want)
+    # Re-quantising those weights: the float-min grid (fp16 scales, as Q4_1) gives them back, the zero-point one not.
+    again = dequantize(quantize_tensor(want, "int4_fmin_g32", scale_dtype=torch.float16), torch.float32)
+    assert (again - want).abs().max() < 1e-6
+    assert (dequantize(quantize_tensor(want, "int4_g32")) - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -264,6 +306,8 @@ def test_llama_sized_shapes_on_gpu(dtype, m):
         ref = x.float() @ dequantize(qt, torch.float32).T
         if qt.scheme.bits == 8:
             out = int8_matmul(x, qt.qweight, qt.scales)
+        elif qt.scheme.float_min:
+            out = int4_fmin_matmul(x, qt.qweight, qt.scales, qt.mins, qt.scheme.group_size)
         else:
             out = int4_matmul(x, qt.qweight, qt.scales, qt.zeros, qt.scheme.group_size)
         assert rel_err(out, ref) < TOL[dtype], scheme
