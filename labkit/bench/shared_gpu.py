@@ -30,7 +30,7 @@ from labkit.engine import EngineConfig, LLMEngine, SamplingParams
 from labkit.guard import GUARD_MODEL_PATH, Guard
 from labkit.memory_plan import (device_memory_bytes, estimate_encoder, estimate_llm, plan_memory, profile_encoder,
                                 profile_llm)
-from labkit.memory_plan_figures import pool_as_others_grow
+from labkit.memory_plan import pool_as_others_grow
 from labkit.pipeline import RAGPipeline, load_questions, poisson_arrivals
 from labkit.retrieval import PassageIndex, austen_passages
 
@@ -39,6 +39,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--llm", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--guard", default=str(GUARD_MODEL_PATH))
     parser.add_argument("--embedder", default=str(DEFAULT_EMBEDDER_DIR))
+    parser.add_argument("--embedder-random-weights", action="store_true",
+                        help="the embedder's architecture with random weights (where its 87 MB cannot travel)")
     parser.add_argument("--budgets", default="0.30,0.10,0.02", help="fractions of the device: llm,guard,embedder")
     parser.add_argument("--requests", type=int, default=96, help="pipeline requests per configuration")
     parser.add_argument("--rate", type=float, default=24.0, help="pipeline arrivals per second (Poisson)")
@@ -75,7 +77,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     llm_model, llm_tok = load_pretrained(args.llm, dtype=dtype, device=device)
     guard_model, guard_tok = load_pretrained(args.guard, dtype=dtype, device=device)
-    embedder = load_embedder(args.embedder, dtype=dtype, device=device)
+    embedder = load_embedder(args.embedder, dtype=dtype, device=device, random_weights=args.embedder_random_weights)
     load_s = time.perf_counter() - t0
     estimates = [estimate_llm("llm", llm_model.config, llm_cfg, dtype),
                  estimate_llm("guard", guard_model.config, guard_cfg, dtype),
