@@ -40,6 +40,8 @@ class Exercise:
     # with the learner's step function and return every request's tokens: harness(fn, *inputs) -> data.
     harness: Callable | None = None
     hints: tuple[str, ...] = ()  # shown one at a time by labkit.progress.hint(name)
+    # Names of a returned tuple's elements, e.g. ("m", "l", "acc"): a mismatch then says "`l` differs".
+    output_names: tuple[str, ...] = ()
 
 
 def _lookup(name: str) -> tuple[Exercise, Callable | None]:
@@ -72,6 +74,64 @@ def _same(a: Any, b: Any, ex: Exercise) -> bool:
     return a == b
 
 
+def _where(path: tuple, names: tuple[str, ...]) -> str:
+    """'`l` (element 1)' or 'element 2 -> key 'slots'' for a path of tuple indices and dict keys."""
+    if not path:
+        return "the returned value"
+    parts = []
+    for depth, step in enumerate(path):
+        if isinstance(step, int):
+            named = depth == 0 and step < len(names)
+            parts.append(f"`{names[step]}` (element {step})" if named else f"element {step}")
+        else:
+            parts.append(f"key {step!r}")
+    return " -> ".join(parts)
+
+
+def first_difference(got: Any, expected: Any, ex: Exercise, path: tuple = ()) -> str | None:
+    """None if ``got`` matches ``expected`` (as ``_same`` decides), else a sentence saying which part differs
+    and how: the tuple element (by ``ex.output_names``) or dict key, then shape, dtype, NaN or the first value."""
+    where = _where(path, ex.output_names)
+    if isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor):
+        if got.shape != expected.shape:
+            return f"{where}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+        kinds = (got.dtype.is_floating_point, expected.dtype.is_floating_point)
+        if (ex.compare != "allclose" and got.dtype != expected.dtype) or kinds[0] != kinds[1]:
+            return f"{where}: dtype {got.dtype}, expected {expected.dtype}"
+        if _same(got, expected, ex):
+            return None
+        if got.dtype.is_floating_point and not torch.isfinite(got).all() and torch.isfinite(expected).all():
+            bad = (~torch.isfinite(got)).nonzero()[0].tolist()
+            return (f"{where}: yours has {got[tuple(bad)].item()} at index {tuple(bad)} where the reference is "
+                    f"finite ({expected[tuple(bad)].item():.6g}): an overflow? (exp of a large number)")
+        far = ~torch.isclose(got.double(), expected.double(), atol=ex.atol if ex.compare == "allclose" else 0,
+                             rtol=ex.rtol if ex.compare == "allclose" else 0)
+        idx = tuple(far.nonzero()[0].tolist())
+        return (f"{where}: at index {idx} yours is {got[idx].item():.6g}, expected {expected[idx].item():.6g}"
+                f" ({int(far.sum())} of {far.numel()} entries differ)")
+    if isinstance(got, torch.Tensor) != isinstance(expected, torch.Tensor):
+        return f"{where}: yours is a {type(got).__name__}, expected a {type(expected).__name__}"
+    if isinstance(got, (tuple, list)) and isinstance(expected, (tuple, list)):
+        if len(got) != len(expected):
+            return f"{where}: {len(got)} elements, expected {len(expected)}"
+        for i, (x, y) in enumerate(zip(got, expected)):
+            diff = first_difference(x, y, ex, path + (i,))
+            if diff is not None:
+                return diff
+        return None
+    if isinstance(got, dict) and isinstance(expected, dict):
+        if got.keys() != expected.keys():
+            return f"{where}: keys {sorted(map(str, got))}, expected {sorted(map(str, expected))}"
+        for k in expected:
+            diff = first_difference(got[k], expected[k], ex, path + (k,))
+            if diff is not None:
+                return diff
+        return None
+    if _same(got, expected, ex):
+        return None
+    return f"{where}: yours is {_show(got, 120)}, expected {_show(expected, 120)}"
+
+
 def _show(x: Any, limit: int = 300) -> str:
     s = repr(x)
     return s if len(s) <= limit else s[:limit] + " ..."
@@ -87,8 +147,9 @@ def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
         run = (lambda f, a: ex.harness(f, *a)) if ex.harness is not None else (lambda f, a: f(*a))
         expected = run(ex.reference, copy.deepcopy(args))
         got = run(fn, copy.deepcopy(args))
-        if not _same(got, expected, ex):
-            return False, (f"mismatch on trial {trial + 1}/{ex.trials}\n  inputs:   {_show(args)}\n"
+        diff = first_difference(got, expected, ex)
+        if diff is not None:
+            return False, (f"mismatch on trial {trial + 1}/{ex.trials}: {diff}\n  inputs:   {_show(args)}\n"
                            f"  yours:    {_show(got)}\n  expected: {_show(expected)}")
     return True, f"correct: matched the reference on {ex.trials} random inputs"
 
