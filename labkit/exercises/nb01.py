@@ -22,6 +22,12 @@ def _int(gen, lo, hi):
     return int(torch.randint(lo, hi, (1,), generator=gen))
 
 
+def _top_k_inputs(gen):
+    n = _int(gen, 5, 50)
+    k = [1, n, _int(gen, 1, n + 1)][_int(gen, 0, 3)]  # the edges (keep one, keep all) and anything between
+    return torch.randn(n, generator=gen) * 5, k
+
+
 EXERCISES = {
     "causal_mask": Exercise(
         reference=_causal_mask, make_inputs=lambda g: (_int(g, 1, 12),),
@@ -29,9 +35,13 @@ EXERCISES = {
         hints=("Row i is the query, column j the key: the allowed entries form the lower triangle.",
                "torch.tril(torch.ones(T, T, dtype=torch.bool)) is that triangle.")),
     "top_k_filter": Exercise(
-        reference=_top_k_filter, make_inputs=lambda g: (torch.randn(_int(g, 5, 50), generator=g), _int(g, 1, 5)),
-        spec="keep the k largest logits, set every other one to -inf."),
+        reference=_top_k_filter, make_inputs=_top_k_inputs,
+        spec="keep the k largest logits, set every other one to -inf (return a new tensor of the same shape).",
+        hints=("torch.topk(logits, k).values holds the k largest; the smallest of them, values[-1], is the cut-off.",
+               "logits.masked_fill(logits < cutoff, float('-inf')) keeps everything at or above the cut-off.")),
     "recomputed_tokens": Exercise(
         reference=_recomputed_tokens, make_inputs=lambda g: (_int(g, 1, 500), _int(g, 1, 300)),
-        spec="how many token positions the model processes to generate new_tokens tokens without a cache."),
+        spec="how many token positions the model processes to generate new_tokens tokens without a cache.",
+        hints=("Step 0 runs the model over the prompt (prompt_len positions); step i over prompt_len + i.",
+               "Add them up for i = 0 .. new_tokens - 1: new_tokens * prompt_len + (0 + 1 + ... + new_tokens - 1).")),
 }

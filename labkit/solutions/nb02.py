@@ -1,9 +1,13 @@
 """Worked solutions for notebook 02."""
 
 
-def kv_bytes_per_token(config, dtype_bytes):
-    # one K vector and one V vector of head_dim numbers, per KV head, per layer
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
+def write_and_read(k_cache, v_cache, row, positions, k, v):
+    last = int(positions.max())
+    if last >= k_cache.shape[2]:  # max_len: the reservation made when the request was admitted
+        raise ValueError(f"position {last} does not fit a reservation of {k_cache.shape[2]} slots")
+    k_cache[row][:, positions] = k  # k_cache[row] is (Hkv, max_len, D): token t goes to position positions[t]
+    v_cache[row][:, positions] = v
+    return k_cache[row, :, : last + 1], v_cache[row, :, : last + 1]  # positions 0 .. last, nothing older
 
 
 def reservation_waste(prompt_len, output_len, reserved):
