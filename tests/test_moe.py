@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import labkit  # noqa: F401
 from labkit.generate import generate
 from labkit.kv_cache import ContiguousCache
-from labkit.model import load_pretrained
+from labkit.checkpoint import load_pretrained
 from labkit.moe import capacity, route_expert_choice, route_token_choice, set_routing
 
 transformers = pytest.importorskip("transformers")
