@@ -294,3 +294,31 @@ def test_step_returns_every_sequence_that_sampled_including_its_prefill(model):
     while engine.has_unfinished():
         got += [s.token_ids[-1] for s in engine.step() if s is seq]
     assert got == seq.output_token_ids and len(got) == 3
+
+
+@pytest.mark.timeout(300)
+def test_llm_chat_renders_the_models_template_and_matches_generate():
+    """SmolLM2-135M-Instruct (fetched by `make models`): LLM.chat == generate() on the rendered template."""
+    from labkit.checkpoint import SMOLLM2_GGUF, load_pretrained
+    from labkit.engine import LLM
+
+    if not SMOLLM2_GGUF.exists():
+        pytest.skip(f"{SMOLLM2_GGUF} is missing: run `make models`")
+    model, tok = load_pretrained(SMOLLM2_GGUF)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    llm = LLM(model, tok, num_blocks=64, block_size=16)
+    out = llm.chat(messages, SamplingParams(max_tokens=12))
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    eos = model.config.eos_token_id
+    eos = eos if isinstance(eos, int) else eos[0]
+    ref = generate(model, ids, 12, eos_token_id=eos).token_ids
+    assert out.prompt_token_ids == list(ids) and out.token_ids == ref
+    assert "Paris" in out.text
+    with pytest.raises(ValueError, match="no chat template"):
+        LLM(*load_default_model_pair()).chat(messages)
+
+
+def load_default_model_pair():
+    from labkit.checkpoint import load_default_model
+
+    return load_default_model()

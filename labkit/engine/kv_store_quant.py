@@ -124,17 +124,11 @@ class QuantizedKVStore(PagedKVStore):
         return keys, values
 
     def _attend_torch_quant(self, q_t, caches, meta: AttentionMetadata) -> torch.Tensor:
-        """PagedKVStore's plain-torch path over dequantised blocks."""
-        S, width = meta.block_tables.shape
-        span = width * self.block_size
-        keys, values = self._gather_dequantised(caches, meta, q_t.dtype)
-        keys = keys.flatten(1, 2).transpose(1, 2)  # (S, Hkv, span, D)
-        values = values.flatten(1, 2).transpose(1, 2)
-        k_pos = torch.arange(span, device=q_t.device).expand(S, span)
-        k_valid = k_pos < meta.seq_lens.long()[:, None]
-        q_pad = q_t[meta.q_index].transpose(1, 2)  # (S, Hq, max_q, D)
-        out = attention_ref(q_pad, keys, values, meta.q_pos, k_pos, k_valid)
-        return out.transpose(1, 2)[meta.q_valid]  # (N, Hq, D)
+        """PagedKVStore's plain-torch path over the dequantised pool (the CPU path: a pool there is small)."""
+        k_codes, v_codes, k_scale, v_scale = caches
+        keys = dequantise_kv_ref(k_codes, k_scale).to(q_t.dtype)  # (num_blocks, block_size, Hkv, D)
+        values = dequantise_kv_ref(v_codes, v_scale).to(q_t.dtype)
+        return self._attend_torch(q_t, keys, values, meta)
 
     def _attend_prefill_kernel(self, q_t, caches, meta: AttentionMetadata) -> torch.Tensor:
         """GPU, a step with prefill chunks: dequantise the step's blocks into a scratch fp cache (one block per

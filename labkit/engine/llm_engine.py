@@ -280,6 +280,21 @@ class LLM:
         seqs = [engine.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(ids, params)]
         while any(not s.is_finished for s in seqs):
             engine.step()
+        return self._outputs(seqs)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """One conversation (``[{"role": ..., "content": ...}, ...]``) rendered with the model's own chat
+        template (``tokenizer.apply_chat_template``, as transformers and vLLM's ``LLM.chat`` do), then generated."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template (an instruct model's tokenizer_config.json or GGUF "
+                             "metadata carries one); use generate() with a plain prompt")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        seq = self.engine.add_request(list(ids), sampling_params)
+        while not seq.is_finished:
+            self.engine.step()
+        return self._outputs([seq])[0]
+
+    def _outputs(self, seqs) -> list[RequestOutput]:
         dec = self.tokenizer.decode if self.tokenizer is not None else None
         return [RequestOutput(s.seq_id, s.prompt_token_ids, s.output_token_ids,
                               dec(s.output_token_ids) if dec else None, s.finish_reason.value, s.ttft, s.latency)
