@@ -28,8 +28,8 @@ def check_cache_dtype(dtype, cache: str) -> None:
     if dtype not in FLOAT_CACHE_DTYPES:
         raise ValueError(f"{cache} stores K/V unscaled, so its dtype must be one of "
                          f"{[str(d) for d in FLOAT_CACHE_DTYPES]}, got {dtype}; for an int8 or fp8 KV cache use "
-                         "labkit.kv_quant.QuantizedPagedCache(config, num_blocks, kv_format='int8'), which keeps a "
-                         "scale per token and head")
+                         "the engine's quantised store, EngineConfig(kv_cache_dtype='int8'), which keeps a scale per "
+                         "token and head")
 
 
 class KVCache:

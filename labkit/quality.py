@@ -62,14 +62,22 @@ def make_variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     return quantize_model(m, variant, skip=("lm_head",), pad=True)
 
 
-def _cache_factory(model, variant: str, batch_size: int, max_len: int):
-    """A fresh int8 KV cache per batch for ``int8_kv``; None (no cache, full precision) otherwise."""
-    if variant != "int8_kv":
-        return None
-    from labkit.kv_quant import QuantizedPagedCache
+def _int8_kv_loss(model, ids: torch.Tensor) -> tuple[float, int]:
+    """Mean loss with K and V read from the engine's int8 store (labkit.kv_quant), same windows as mean_loss."""
+    from labkit.kv_quant import heldout_perplexities
 
-    device = next(model.parameters()).device
-    return lambda: QuantizedPagedCache.for_batch(model.config, batch_size, max_len, kv_format="int8", device=device)
+    return math.log(heldout_perplexities(model, ids, formats=("int8",), batch_size=8)["int8"]), len(ids) - 1
+
+
+def _int8_kv_sample(model, prompt_ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from the engine with an int8 KV store."""
+    from labkit.engine import EngineConfig, LLMEngine, SamplingParams
+
+    blocks = -(-(len(prompt_ids) + n) // 16) + 1
+    engine = LLMEngine(model, EngineConfig(num_blocks=blocks, block_size=16, kv_cache_dtype="int8"), eos_token_ids=())
+    seq = engine.add_request(prompt_ids, SamplingParams(max_tokens=n))
+    engine.run()
+    return seq.output_token_ids
 
 
 def quality_table(model, tokenizer, variants=DEFAULT_VARIANTS, max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -81,15 +89,16 @@ def quality_table(model, tokenizer, variants=DEFAULT_VARIANTS, max_tokens: int =
         raise ValueError(f"sample_tokens must be an integer >= 1, got {sample_tokens!r}")
     ids = encode_split(tokenizer)[: max_tokens + 1]  # +1: the first token is context only
     prompt_ids = tokenizer.encode(prompt)
-    ctx = min(model.config.max_position_embeddings, len(ids))  # an int8 KV cache sized to the longest window
-    windows = -(-(len(ids) - 1) // model.config.max_position_embeddings)
     rows, ref_tokens, ref_ppl = [], None, None
     for variant in variants:
         start = time.perf_counter()
         m = make_variant(model, variant)
-        loss, scored = mean_loss(m, ids, batch_size=8, cache_factory=_cache_factory(m, variant, min(8, windows), ctx))
-        sample_cache = _cache_factory(m, variant, 1, len(prompt_ids) + sample_tokens)
-        tokens = generate(m, prompt_ids, sample_tokens, cache=sample_cache() if sample_cache else None).token_ids
+        if variant == "int8_kv":
+            loss, scored = _int8_kv_loss(m, ids)
+            tokens = _int8_kv_sample(m, prompt_ids, sample_tokens)
+        else:
+            loss, scored = mean_loss(m, ids, batch_size=8)
+            tokens = generate(m, prompt_ids, sample_tokens).token_ids
         ref_tokens = tokens if ref_tokens is None else ref_tokens
         ref_ppl = math.exp(loss) if ref_ppl is None else ref_ppl
         same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))

@@ -22,7 +22,7 @@ from labkit.config import LlamaConfig
 from labkit.generate import generate
 from labkit.kv_cache import ContiguousCache
 from labkit.model import LlamaForCausalLM
-from labkit.paged_cache import PagedCache
+from labkit.engine.kv_store import PagedKVStore
 from labkit.quant import QuantLinear, quantize_model, quantize_tensor
 
 TINY = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -197,12 +197,12 @@ def test_nan_logits_are_reported():
 
 
 # ----------------------------------------------------------------------------------------------- caches
-@pytest.mark.parametrize("cache", [ContiguousCache, PagedCache])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn])
-def test_caches_refuse_unscaled_low_precision_dtypes(cache, dtype):
-    args = dict(batch_size=1, max_len=8) if cache is ContiguousCache else dict(num_blocks=2)
-    with pytest.raises(ValueError, match=rf"{cache.__name__} stores K/V unscaled.*got {dtype}.*QuantizedPagedCache"):
-        cache(TINY, dtype=dtype, **args)
+def test_caches_refuse_unscaled_low_precision_dtypes(dtype):
+    with pytest.raises(ValueError, match=rf"ContiguousCache stores K/V unscaled.*got {dtype}.*kv_cache_dtype='int8'"):
+        ContiguousCache(TINY, batch_size=1, max_len=8, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"PagedKVStore stores K/V unscaled.*got {dtype}.*kv_cache_dtype='int8'"):
+        PagedKVStore(TINY, num_blocks=2, block_size=4, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- quantising

@@ -20,7 +20,7 @@ import torch
 from kernels.cache_write import cache_write, cache_write_ref
 from labkit.attention import attention_ref
 from labkit.config import LlamaConfig
-from labkit.kv_cache import KVCache
+from labkit.kv_cache import KVCache, check_cache_dtype
 
 
 @dataclasses.dataclass
@@ -101,9 +101,7 @@ class PagedKVStore(KVCache):
 
     def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", use_kernels: bool = False):
-        if not dtype.is_floating_point:
-            raise ValueError(f"the KV store holds floating-point K/V, got {dtype}; for int8/fp8 K/V use "
-                             "kv_cache_dtype='int8' or 'fp8' in EngineConfig")
+        check_cache_dtype(dtype, "PagedKVStore")  # int8 / fp8 without scales would destroy K/V
         D = config.head_dim
         if use_kernels and (D < 16 or D & (D - 1)):
             raise ValueError(f"the Triton attention kernels need head_dim a power of two >= 16, this model has {D}; "
