@@ -165,10 +165,10 @@ def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
         args = ex.make_inputs(gen)
         expected = call(ex.reference, copy.deepcopy(args))
         got = call(learner, copy.deepcopy(args))
-        if not _same(got, expected, ex):
+        diff = first_difference(got, expected, ex)  # None when they match (dtype kinds included)
+        if diff is not None:
             if ex.explain is not None:
                 return False, f"mismatch on trial {trial + 1}/{ex.trials}\n{ex.explain(args, got, expected)}"
-            diff = first_difference(got, expected, ex) or "the outputs differ"
             where, mine, theirs = _first_difference(got, expected, ex)
             detail = f"\n  first difference at {where}: yours {_show(mine)}, expected {_show(theirs)}" if where else ""
             return False, (f"mismatch on trial {trial + 1}/{ex.trials}: {diff}{detail}\n  inputs:   {_show(args)}\n"
