@@ -11,22 +11,14 @@ Rows are ``labkit.user_sweep.sweep_users`` rows: medians, and ``throughput_lo`` 
 from __future__ import annotations
 
 import os
-import platform
+
+from labkit.bench import record
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="runs of every (server, users) setting")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(args) -> dict:
@@ -44,7 +36,7 @@ def run(args) -> dict:
                    "workload": "alpaca preset / 4, at most 60 new tokens, seed 0", "max_num_seqs": CPU_MAX_NUM_SEQS,
                    "max_model_len": CPU_MAX_MODEL_LEN, "repeats": args.repeats, "torch_threads": 1,
                    "clock": "thread CPU time per step (labkit.user_sweep.ThreadTimeRunner)"},
-        "machine": {"cpu": _cpu_name(), "logical_cores": os.cpu_count(),
+        "machine": {"cpu": record.cpu_name(), "logical_cores": os.cpu_count(),
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "rows": rows,

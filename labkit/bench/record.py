@@ -33,6 +33,18 @@ def provenance(command: str | None = None) -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (for benchmarks recorded on the CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def time_ms(fn, *, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time of ``fn()`` in milliseconds, measured with CUDA events by triton's do_bench.
 

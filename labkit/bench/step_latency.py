@@ -10,9 +10,10 @@ recording from a busy one. Run on an otherwise idle machine:
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
+
+from labkit.bench import record
 
 
 def add_arguments(parser) -> None:
@@ -21,14 +22,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lengths", default=None, help="comma-separated context lengths (default 16..496 by 32)")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(args) -> dict:
@@ -41,5 +34,5 @@ def run(args) -> dict:
     tokens = encode_split(tokenizer)[: max(lengths)]
     load_before = os.getloadavg()[0]
     curve = measure(model, tokens, lengths, repeats=args.repeats, num_threads=args.threads)
-    return {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "loadavg_1min_before": load_before,
+    return {"cpu": record.cpu_name(), "cpu_count": os.cpu_count(), "loadavg_1min_before": load_before,
             "loadavg_1min": os.getloadavg()[0], "torch_threads": args.threads, **curve.to_dict()}
