@@ -27,7 +27,7 @@ def timeline_figure(history: list[StepRecord], num_blocks: int, title: str = "Wh
     fig.add_bar(x=steps, y=[r.num_decode_tokens for r in history], name="decode tokens", row=1, col=1,
                 marker_color="#ff7f0e")
     fig.add_scatter(x=steps, y=[r.num_blocks_used for r in history], name="blocks used", mode="lines",
-                    line=dict(color="#2ca02c", shape="hv"), row=2, col=1)
+                    line=dict(color="#17becf", shape="hv"), row=2, col=1)
     for name, key, color in (("running", "num_running", "#2ca02c"), ("waiting", "num_waiting", "#7f7f7f"),
                              ("swapped", "num_swapped", "#9467bd")):
         fig.add_scatter(x=steps, y=[getattr(r, key) for r in history], name=name, mode="lines",
