@@ -90,48 +90,55 @@ def _where(path: tuple, names: tuple[str, ...]) -> str:
     return " -> ".join(parts)
 
 
-def first_difference(got: Any, expected: Any, ex: Exercise, path: tuple = ()) -> str | None:
+def first_difference(got: Any, expected: Any, ex: Exercise) -> str | None:
     """None if ``got`` matches ``expected`` (as ``_same`` decides), else a sentence saying which part differs
     and how: the tuple element (by ``ex.output_names``) or dict key, then shape, dtype, NaN or the first value."""
+    found = _difference(got, expected, ex)
+    return None if found is None else found[1]
+
+
+def _difference(got: Any, expected: Any, ex: Exercise, path: tuple = ()) -> tuple[tuple, str] | None:
+    """(path of tuple indices and dict keys, sentence) of the first difference, or None."""
     where = _where(path, ex.output_names)
     if isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor):
         if got.shape != expected.shape:
-            return f"{where}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+            return path, f"{where}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
         kinds = (got.dtype.is_floating_point, expected.dtype.is_floating_point)
         if (ex.compare != "allclose" and got.dtype != expected.dtype) or kinds[0] != kinds[1]:
-            return f"{where}: dtype {got.dtype}, expected {expected.dtype}"
+            return path, f"{where}: dtype {got.dtype}, expected {expected.dtype}"
         if _same(got, expected, ex):
             return None
         if got.dtype.is_floating_point and not torch.isfinite(got).all() and torch.isfinite(expected).all():
             bad = (~torch.isfinite(got)).nonzero()[0].tolist()
-            return (f"{where}: yours has {got[tuple(bad)].item()} at index {tuple(bad)} where the reference is "
+            return path, (f"{where}: yours has {got[tuple(bad)].item()} at index {tuple(bad)} where the reference is "
                     f"finite ({expected[tuple(bad)].item():.6g}): an overflow? (exp of a large number)")
         far = ~torch.isclose(got.double(), expected.double(), atol=ex.atol if ex.compare == "allclose" else 0,
                              rtol=ex.rtol if ex.compare == "allclose" else 0)
         idx = tuple(far.nonzero()[0].tolist())
-        return (f"{where}: at index {idx} yours is {got[idx].item():.6g}, expected {expected[idx].item():.6g}"
+        return path, (f"{where}: at index {idx} yours is {got[idx].item():.6g}, expected {expected[idx].item():.6g}"
                 f" ({int(far.sum())} of {far.numel()} entries differ)")
     if isinstance(got, torch.Tensor) != isinstance(expected, torch.Tensor):
-        return f"{where}: yours is a {type(got).__name__}, expected a {type(expected).__name__}"
+        return path, f"{where}: yours is a {type(got).__name__}, expected a {type(expected).__name__}"
     if isinstance(got, (tuple, list)) and isinstance(expected, (tuple, list)):
         if len(got) != len(expected):
-            return f"{where}: {len(got)} elements, expected {len(expected)}"
+            return path, f"{where}: {len(got)} elements, expected {len(expected)}"
         for i, (x, y) in enumerate(zip(got, expected)):
-            diff = first_difference(x, y, ex, path + (i,))
+            diff = _difference(x, y, ex, path + (i,))
             if diff is not None:
                 return diff
         return None
     if isinstance(got, dict) and isinstance(expected, dict):
-        if got.keys() != expected.keys():
-            return f"{where}: keys {sorted(map(str, got))}, expected {sorted(map(str, expected))}"
-        for k in expected:
-            diff = first_difference(got[k], expected[k], ex, path + (k,))
+        keys_differ = f"{where}: keys {sorted(map(str, got))}, expected {sorted(map(str, expected))}"
+        for k in list(expected) + [k for k in got if k not in expected]:  # the first key that is missing or differs
+            if k not in got or k not in expected:
+                return path + (k,), keys_differ
+            diff = _difference(got[k], expected[k], ex, path + (k,))
             if diff is not None:
                 return diff
         return None
     if _same(got, expected, ex):
         return None
-    return f"{where}: yours is {_show(got, 120)}, expected {_show(expected, 120)}"
+    return path, f"{where}: yours is {_show(got, 120)}, expected {_show(expected, 120)}"
 
 
 def _show(x: Any, limit: int = 300) -> str:
@@ -139,19 +146,13 @@ def _show(x: Any, limit: int = 300) -> str:
     return s if len(s) <= limit else s[:limit] + " ..."
 
 
-def _first_difference(a: Any, b: Any, ex: Exercise, path: str = "") -> tuple[str, Any, Any]:
-    """Where two outputs first differ: (path like "['ref_count'][3]", yours there, expected there)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(b) + [k for k in a if k not in b]:
-            if k not in a or k not in b:
-                return f"{path}[{k!r}]", a.get(k, "(nothing)"), b.get(k, "(nothing)")
-            if not _same(a[k], b[k], ex):
-                return _first_difference(a[k], b[k], ex, f"{path}[{k!r}]")
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            if not _same(x, y, ex):
-                return _first_difference(x, y, ex, f"{path}[{i}]")
-    return path, a, b
+def _at(x: Any, path: tuple) -> Any:
+    """The part of an output a path names ("(nothing)" for a dict key it lacks)."""
+    for step in path:
+        if isinstance(x, dict) and step not in x:
+            return "(nothing)"
+        x = x[step]
+    return x
 
 
 def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
@@ -165,12 +166,14 @@ def run_trials(fn: Callable, ex: Exercise, seed: int = 0) -> tuple[bool, str]:
         args = ex.make_inputs(gen)
         expected = call(ex.reference, copy.deepcopy(args))
         got = call(learner, copy.deepcopy(args))
-        diff = first_difference(got, expected, ex)  # None when they match (dtype kinds included)
-        if diff is not None:
+        found = _difference(got, expected, ex)  # None when they match (dtype kinds included)
+        if found is not None:
             if ex.explain is not None:
                 return False, f"mismatch on trial {trial + 1}/{ex.trials}\n{ex.explain(args, got, expected)}"
-            where, mine, theirs = _first_difference(got, expected, ex)
-            detail = f"\n  first difference at {where}: yours {_show(mine)}, expected {_show(theirs)}" if where else ""
+            path, diff = found
+            where = "".join(f"[{step!r}]" for step in path)
+            detail = (f"\n  first difference at {where}: yours {_show(_at(got, path))}, "
+                      f"expected {_show(_at(expected, path))}") if path else ""
             return False, (f"mismatch on trial {trial + 1}/{ex.trials}: {diff}{detail}\n  inputs:   {_show(args)}\n"
                            f"  yours:    {_show(got)}\n  expected: {_show(expected)}")
     return True, f"correct: matched the reference on {ex.trials} random inputs"
