@@ -314,11 +314,7 @@ def test_llm_chat_renders_the_models_template_and_matches_generate():
     ref = generate(model, ids, 12, eos_token_id=eos).token_ids
     assert out.prompt_token_ids == list(ids) and out.token_ids == ref
     assert "Paris" in out.text
-    with pytest.raises(ValueError, match="no chat template"):
-        LLM(*load_default_model_pair()).chat(messages)
-
-
-def load_default_model_pair():
     from labkit.checkpoint import load_default_model
 
-    return load_default_model()
+    with pytest.raises(ValueError, match="no chat template"):
+        LLM(*load_default_model()).chat(messages)

@@ -93,7 +93,7 @@ def run_engine(model, requests, eager: bool, num_blocks: int, device) -> dict:
                        enforce_eager=eager, watermark=0.01)
     engine = LLMEngine(model, cfg, clock="wall", eos_token_ids=())
     engine.runner.capture_all(cfg.max_num_seqs)  # capture before the clock starts, as a server does at startup
-    engine.now, engine._t0 = 0.0, time.perf_counter()
+    engine.reset_clock()
     seqs = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True), arrival_s=0.0) for p, n in requests]
     start = time.perf_counter()
     engine.run()

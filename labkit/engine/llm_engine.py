@@ -163,6 +163,10 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r} is still {seq.status.value}; abort it before forgetting it")
         del self.requests[request_id]
 
+    def reset_clock(self) -> None:
+        """Start the clock at 0 now (after warm-up work such as CUDA-graph capture that no request should see)."""
+        self.now, self._t0 = 0.0, time.perf_counter()
+
     def has_unfinished(self) -> bool:
         return bool(self.pending) or self.scheduler.has_work()
 

@@ -121,7 +121,6 @@ class ModelRunner:
         if bucket not in self._graphs:
             self._capture(bucket)
         graph, buf, logits = self._graphs[bucket]
-        host = torch.zeros(bucket, dtype=torch.int64)
         host_tables = torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32)
         for i, t in enumerate(tables):
             host_tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
@@ -131,7 +130,6 @@ class ModelRunner:
         buf["slots"].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)  # -1: padding rows write nothing
         buf["seq_lens"].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
         buf["tables"].copy_(host_tables, non_blocking=True)
-        del host
         graph.replay()
         return logits[:n]
 
