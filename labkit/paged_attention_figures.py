@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-IMPLS = ("labkit_v1", "labkit_v2", "labkit_v3", "sdpa_dense", "flex_paged")
+IMPLS = ("labkit_v1", "labkit_v2", "labkit_v3", "labkit_v4", "sdpa_dense", "flex_paged")  # those recorded are drawn
 KV_HEADS, HEAD_DIM, ELEM_BYTES = 8, 128, 2  # the benchmark's shapes: 8 KV heads, head_dim 128, fp16/bf16
 
 

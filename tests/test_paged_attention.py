@@ -1,4 +1,4 @@
-"""Paged-attention decode kernels (v1, v2, v3, auto) and the cache-write kernel against plain torch.
+"""Paged-attention decode kernels (v1, v2, v3, v4, auto) and the cache-write kernel against plain torch.
 
 On the CPU the kernels run in Triton's interpreter: shapes stay tiny and tests use fp32. With a CUDA
 device the same tests also run in fp16 and bf16, plus a few larger shapes.
@@ -10,13 +10,14 @@ import torch
 
 import labkit
 from kernels.cache_write import cache_write, cache_write_ref
+from kernels import paged_attention as pa
 from kernels.paged_attention import choose_version, paged_attention, paged_attention_ref
 
 DEVICE = labkit.DEVICE
 ON_GPU = DEVICE.type == "cuda"
 DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if ON_GPU else [])
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # ||out - ref|| / ||ref||
-VERSIONS = ["v1", "v2", "v3", "auto"]
+VERSIONS = ["v1", "v2", "v3", "v4", "auto"]
 
 
 def make_problem(gen, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, spare_blocks=3):
@@ -85,6 +86,7 @@ def test_random_shapes_all_versions(seed):
     for version in ("v1", "v2"):
         check(version, problem)
     check("v3", problem, BLOCK_N=16, partition_size=32)
+    check("v4", problem, BLOCK_N=16, partition_size=16)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="larger shapes need a GPU")
@@ -123,8 +125,56 @@ def test_v3_reduce_merges_many_partitions():
 
 
 def test_auto_picks_split_k_only_when_the_gpu_would_be_idle():
-    assert choose_version(1, 8, sm_count=132) == "v3"  # 8 programs for 132 multiprocessors
+    assert choose_version(1, 8, sm_count=132) == pa.SPLIT_K_VERSION  # 8 programs for 132 multiprocessors
+    assert pa.SPLIT_K_VERSION in ("v3", "v4")
     assert choose_version(256, 8, sm_count=132) == "v2"
+
+
+# ---------------------------------------------------------------- v4: the last partition merges
+
+
+def counters_of(problem):
+    """v4's counter workspace for this problem's (sequence, KV head) pairs: it must be all zero between calls."""
+    q, k_cache = problem[0], problem[1]
+    return pa.v4_counters(q.device, q.shape[0] * k_cache.shape[2])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_v4_split_counts_and_counter_reset(dtype):
+    """1 to 6 partitions per sequence (lengths ending mid-block, group 4), merged 2 or 16 at a time, each
+    problem run twice in a row: the second call only merges if the first left its counters at 0."""
+    gen = torch.Generator().manual_seed(21)
+    problem = make_problem(gen, [1, 23, 90, 41], 8, 2, 64, 16, dtype)
+    for partition, merge_p in ((16, 2), (16, 16), (32, 2), (128, 16)):
+        launch = dict(BLOCK_N=16, partition_size=partition, MERGE_P=merge_p)
+        first = paged_attention(*problem, version="v4", **launch)
+        assert not counters_of(problem).any(), f"counters not reset after a call: {counters_of(problem).tolist()}"
+        check("v4", problem, **launch)  # the second call, against the reference
+        again = paged_attention(*problem, version="v4", **launch)
+        assert torch.equal(first, again), "v4 must be deterministic: partitions are merged in the order 0..S-1"
+        if not ON_GPU and merge_p == 16:  # v3's chunks too (<= 16 partitions): on the interpreter, bit for bit v3
+            assert torch.equal(first, paged_attention(*problem, version="v3", BLOCK_N=16, partition_size=partition))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("seq_lens", [[65536], [16384] * 4, [1, 300, 5000, 17]])
+def test_v4_cuda_graph_replays_reuse_the_counters(seq_lens):
+    """Captured once, replayed three times: no host-side zeroing between replays, the counters reset themselves."""
+    gen = torch.Generator().manual_seed(8)
+    problem = make_problem(gen, seq_lens, 32, 8, 128, 16, torch.float16)
+    ref = paged_attention_ref(*(t.float() if t.is_floating_point() else t for t in problem))
+    eager = paged_attention(*problem, version="v4")  # allocates the counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(*problem, version="v4")
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager) and rel_err(out, ref) < TOL[torch.float16]
+    assert not counters_of(problem).any()
 
 
 # ---------------------------------------------------------------- cache_write
@@ -199,11 +249,15 @@ def test_bad_inputs_raise_value_error(mutate, message):
 def test_bad_version_and_launch_settings():
     problem = _good()
     with pytest.raises(ValueError, match="version must be"):
-        paged_attention(*problem, version="v4")
+        paged_attention(*problem, version="v5")
     with pytest.raises(ValueError, match="unknown launch settings"):
         paged_attention(*problem, version="v2", BLOCK_M=16)
     with pytest.raises(ValueError, match="multiple of BLOCK_N"):
         paged_attention(*problem, version="v3", BLOCK_N=16, partition_size=24)
+    with pytest.raises(ValueError, match="unknown launch settings"):
+        paged_attention(*problem, version="v3", MERGE_P=16)  # v3's reduce kernel sizes its own chunks
+    with pytest.raises(ValueError, match="MERGE_P must be a power of two"):
+        paged_attention(*problem, version="v4", MERGE_P=12)
 
 
 def test_cache_write_bad_inputs():

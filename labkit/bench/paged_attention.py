@@ -1,4 +1,4 @@
-"""Paged-attention decode on the GPU: labkit's v1/v2/v3 kernels against torch's dense SDPA and
+"""Paged-attention decode on the GPU: labkit's v1/v2/v3/v4 kernels against torch's dense SDPA and
 FlexAttention's PagedAttention, as KV bytes read per second.
 
 What it measures. One decode step of attention (one query token per sequence) for batch x context
@@ -6,7 +6,7 @@ from 1 x 65536 to 256 x 4096; 32 query / 8 KV heads, head_dim 128, block size 16
 Every sequence's blocks are a random permutation of the cache's blocks (a cache after many
 allocations and frees). Each implementation reads the same keys and values:
 
-    labkit_v1/v2/v3  kernels/paged_attention.py over k_cache (num_blocks, 16, 8, 128) + block_tables
+    labkit_v1..v4    kernels/paged_attention.py over k_cache (num_blocks, 16, 8, 128) + block_tables
     sdpa_dense       torch SDPA (enable_gqa) over the same K/V gathered into contiguous (B, 8, L, 128)
     flex_paged       torch.nn.attention.experimental._paged_attention.PagedAttention + compiled
                      flex_attention, its page table set to the same block table
@@ -18,7 +18,11 @@ CUDA-graph replay of the call (as serving engines run decode steps), L2 flushed 
 the fp32 reference on a few sequences (rel_err) and the graph replay against the eager call.
 
 Run on a GPU machine: ``python -m labkit.bench paged_attention`` -> data/bench/paged_attention.json.
-``--tune`` instead sweeps launch settings of the labkit kernels (fp16) and prints the best ones.
+``--tune`` instead sweeps launch settings of the labkit kernels (fp16) and prints the best ones; ``--tune-versions``
+limits it to some kernels. v3 against v4 at small batch, quickly (the summary lines print v4's speed over v3's)::
+
+    python -m labkit.bench paged_attention --shapes 1x65536,4x16384,16x8192 --dtypes fp16 \
+        --impls labkit_v3,labkit_v4,sdpa_dense --no-block-sweep --out /tmp/v4.json
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from labkit.bench.record import measure
 SHAPES = ((1, 65536), (4, 16384), (16, 8192), (64, 4096), (256, 4096))  # (batch, context)
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-IMPLS = ("labkit_v1", "labkit_v2", "labkit_v3", "sdpa_dense", "flex_paged")
+VERSIONS = ("v1", "v2", "v3", "v4")
+IMPLS = (*(f"labkit_{v}" for v in VERSIONS), "sdpa_dense", "flex_paged")
 # block-size sweep (rows carry "block_size"; notebook 04 plots them): labkit "auto" at one shape
 SWEEP_SHAPE, SWEEP_DTYPE, SWEEP_BLOCK_SIZES = (64, 4096), "fp16", (1, 4, 16, 64, 256)
 CHECK_SEQS = 2  # sequences checked against the fp32 reference per shape
@@ -44,6 +49,9 @@ TUNE_V1 = ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))
 TUNE_V23 = ((32, 4, 2), (32, 4, 4), (64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 4, 4),
             (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3))
 TUNE_PARTITIONS = (256, 512, 1024, 2048)
+# v4: no second launch, so fewer, longer partitions may win at batch <= 4; and the pipeline depth
+TUNE_V4 = ((32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2))
+TUNE_V4_PARTITIONS = (512, 1024, 2048, 4096)
 
 
 def add_arguments(parser):
@@ -52,6 +60,7 @@ def add_arguments(parser):
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     parser.add_argument("--tune", action="store_true", help="sweep the labkit kernels' launch settings instead")
+    parser.add_argument("--tune-versions", default=",".join(VERSIONS), help="kernels --tune sweeps, e.g. v3,v4")
     parser.add_argument("--no-block-sweep", action="store_true", help="skip the block-size sweep")
 
 
@@ -125,7 +134,7 @@ def impl_fns(inp: dict, impls: list[str]) -> dict:
     """name -> zero-argument callable returning (B, Hq, D). Builds dense / flex copies only when asked."""
     args = (inp["q"], inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"])
     fns = {}
-    for v in ("v1", "v2", "v3"):
+    for v in VERSIONS:
         if f"labkit_{v}" in impls:
             fns[f"labkit_{v}"] = lambda v=v: pa.paged_attention(*args, version=v)
     if "sdpa_dense" in impls:
@@ -160,7 +169,7 @@ def run(args) -> dict:
             nbytes = kv_bytes(batch, context, dtype)
             common = dict(dtype=dtype_name, batch=batch, context=context, kv_bytes=nbytes)
             if args.tune:
-                rows += tune_shape(inp, ref, nbytes, args.rep_ms, common)
+                rows += tune_shape(inp, ref, nbytes, args.rep_ms, common, args.tune_versions.split(","))
             else:
                 for name, fn in impl_fns(inp, impls).items():
                     rows.append(measure(name, fn, ref, nbytes, args.rep_ms, **common))
@@ -178,6 +187,7 @@ def run(args) -> dict:
                     timing="median_ms: CUDA-graph replay; eager_ms: Python calls; do_bench median, L2 flushed"),
         copy_gbps=copy_gbps,
         launch_config=pa.GPU_CONFIG,
+        split_k_version=pa.SPLIT_K_VERSION,  # what "auto" ran below V2_MIN_PROGRAMS_PER_SM (block-size sweep)
         rows=rows,
         notes=notes,
     )
@@ -211,6 +221,8 @@ def summarize(rows, copy_gbps) -> list[str]:
         for other in ("sdpa_dense", "flex_paged"):
             if other in by:
                 parts.append(f"{best['gbps'] / by[other]['gbps']:.2f}x {other}")
+        if "labkit_v3" in by and "labkit_v4" in by:  # the measurement SPLIT_K_VERSION is decided on
+            parts.append(f"v4 {by['labkit_v4']['gbps'] / by['labkit_v3']['gbps']:.3f}x v3")
         lines.append(", ".join(parts))
     return lines
 
@@ -232,19 +244,28 @@ def block_size_sweep(rep_ms, copy_gbps) -> list[dict]:
     return rows
 
 
-def tune_shape(inp, ref, nbytes, rep_ms, common) -> list[dict]:
-    """Time every launch setting of v1, v2, v3 (and sdpa_dense for scale) on one shape; print the best."""
+def _split_k_trials(version, configs, partitions) -> list[tuple[str, dict]]:
+    """(version, launch settings) for every (BLOCK_N, num_warps, num_stages) x partition (None: the default)."""
+    return [(version, dict(BLOCK_N=b, num_warps=w, num_stages=s, partition_size=p))
+            for (b, w, s), p in itertools.product(configs, (*partitions, None))]
+
+
+def tune_shape(inp, ref, nbytes, rep_ms, common, versions=VERSIONS) -> list[dict]:
+    """Time every launch setting of the given kernels (and sdpa_dense for scale) on one shape; print the best."""
+    unknown = set(versions) - set(VERSIONS)
+    if unknown:
+        raise ValueError(f"--tune-versions: unknown {sorted(unknown)}; choose from {','.join(VERSIONS)}.")
     args = (inp["q"], inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"])
     rows = [measure("sdpa_dense", impl_fns(inp, ["sdpa_dense"])["sdpa_dense"], ref, nbytes, rep_ms, **common)]
     trials = [("v1", dict(BLOCK_N=b, num_warps=w, num_stages=s)) for b, w, s in TUNE_V1]
     trials += [("v2", dict(BLOCK_N=b, num_warps=w, num_stages=s)) for b, w, s in TUNE_V23]
-    trials += [("v3", dict(BLOCK_N=b, num_warps=w, num_stages=s, partition_size=p))
-               for (b, w, s), p in itertools.product(TUNE_V23, (*TUNE_PARTITIONS, None))]
+    trials += _split_k_trials("v3", TUNE_V23, TUNE_PARTITIONS) + _split_k_trials("v4", TUNE_V4, TUNE_V4_PARTITIONS)
+    trials = [(v, cfg) for v, cfg in trials if v in versions]
     for version, cfg in trials:
         fn = lambda: pa.paged_attention(*args, version=version, **cfg)  # noqa: E731
         rows.append(measure(f"labkit_{version}", fn, ref, nbytes, rep_ms, config=cfg, **common))
     sdpa = rows[0].get("gbps", float("nan"))
-    for version in ("v1", "v2", "v3"):
+    for version in versions:
         ok = [r for r in rows if r["impl"] == f"labkit_{version}" and "gbps" in r and r["rel_err"] < 2e-2]
         ok.sort(key=lambda r: -r["gbps"])
         for r in ok[:3]:
