@@ -392,7 +392,8 @@ def _int4_gemv_words_kernel(
     acc = tl.zeros((BLOCK_N, GROUPS, GROUP // 8), tl.float32)
     g_start = tl.program_id(2) * SPLIT_LEN
     g_end = tl.minimum(g_start + SPLIT_LEN, num_groups)
-    p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g_start, g_end, GROUP, GROUPS, EVEN_G)
+    if PREFETCH:
+        p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g_start, g_end, GROUP, GROUPS, EVEN_G)
     if PREFETCH == 2:  # the second step in flight before the loop starts (wrapping round as below)
         g_1 = tl.where(g_start + GROUPS < g_end, g_start + GROUPS, g_start)
         p_1, s_1, z_1 = _int4_words_loads(w_rows, s_rows, z_rows, g_1, g_end, GROUP, GROUPS, EVEN_G)
@@ -403,6 +404,8 @@ def _int4_gemv_words_kernel(
         elif PREFETCH:  # the step after the last wraps round to the first (unmasked loads stay in bounds)
             g_next = tl.where(g0 + GROUPS < g_end, g0 + GROUPS, g_start)
             p_n, s_n, z_n = _int4_words_loads(w_rows, s_rows, z_rows, g_next, g_end, GROUP, GROUPS, EVEN_G)
+        else:  # this step's loads in this step: the plain loop, which tl.range(num_stages=STAGES) may pipeline itself
+            p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g0, g_end, GROUP, GROUPS, EVEN_G)
         part = _int4_words_dot(p, z, x_row, g0, g_end, K, GROUP, GROUPS, USE_ASM, EVEN_K, EVEN_G)
         acc += part * s.to(tl.float32)[:, :, None]  # the group's scale, once per word
         if PREFETCH == 2:
@@ -410,8 +413,6 @@ def _int4_gemv_words_kernel(
             p_1, s_1, z_1 = p_n, s_n, z_n
         elif PREFETCH:
             p, s, z = p_n, s_n, z_n
-        else:
-            p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g0 + GROUPS, g_end, GROUP, GROUPS, EVEN_G)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
     tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
              mask=offs_n < N)
