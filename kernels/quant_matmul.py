@@ -56,6 +56,11 @@ Tricks, each a constexpr so the plain version stays next to it:
   the fp32 path and 6.3 for HALF_MATH. fp16 sums of 8 products: rel. error ~3e-4; x must stay below
   ~1000. Measured on an H200 at m = 1: 1.8-2.0x fp16 cuBLAS (was 1.35x), ~1.5 TB/s: no longer bound by
   instructions alone, so the next steps are more bytes in flight per SM, not fewer instructions.
+- ``PREFETCH = 2`` (WORDS): two steps of weight loads in flight, not one: each program keeps twice the bytes
+  outstanding (Little's law: bandwidth = bytes in flight / latency), for one more tile of registers. ``STAGES``
+  instead hands the loop to ``tl.range(num_stages=...)``, whose pipeliner stages the loads itself (PREFETCH = 0).
+- int4 at 2 <= m <= 16 (``path="small_m"``, the default there): the GEMM with A and B swapped, so the weight
+  tile is the tensor core's big side; its own lesson is in :mod:`kernels.quant_matmul_small_m`.
 - ``SPLIT_K``: more programs along k, whose fp32 partial sums torch adds afterwards (an extra launch).
 """
 from __future__ import annotations
@@ -70,6 +75,7 @@ from labkit.device import INTERPRETER
 
 SUPPORTED_GROUPS = (32, 64, 128, 256)
 GEMV_MAX_M = 1  # up to this many rows of x the GEMV path is the default (measured: m = 4 already favours tl.dot)
+SMALL_M_MAX = 16  # int4, GEMV_MAX_M < m <= this: the swap-AB kernel of kernels/quant_matmul_small_m.py
 
 
 # ----------------------------------------------------------------------------- int4 packing (the layout)
@@ -366,10 +372,11 @@ def _int4_gemv_words_kernel(
     SPLIT_LEN,  # groups each split (program_id 2) covers, a multiple of GROUPS
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUPS: tl.constexpr,  # groups per row and step
-    PREFETCH: tl.constexpr,  # issue the next step's weight loads before this step's arithmetic
+    PREFETCH: tl.constexpr,  # 1 / True: the next step's weight loads issued before this step's arithmetic; 2: two
     USE_ASM: tl.constexpr,  # fp16 x on the GPU: one inline-PTX block per word (_INT4_WORD_DOT_ASM)
     EVEN_K: tl.constexpr = False,  # K == KP: no zero padding to mask
     EVEN_G: tl.constexpr = False,  # every split holds a whole number of steps: no loads masked
+    STAGES: tl.constexpr = None,  # tl.range's software pipelining depth (with PREFETCH = 0: Triton's own prefetch)
 ):
     # As _int4_gemv_kernel, but the tile is [BLOCK_N, GROUPS, G/8] int32 words, each word 8 weights. Rows past
     # N read row N - 1 (in bounds, never stored), so no load needs a row mask.
@@ -385,17 +392,27 @@ def _int4_gemv_words_kernel(
     acc = tl.zeros((BLOCK_N, GROUPS, GROUP // 8), tl.float32)
     g_start = tl.program_id(2) * SPLIT_LEN
     g_end = tl.minimum(g_start + SPLIT_LEN, num_groups)
-    p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g_start, g_end, GROUP, GROUPS, EVEN_G)
-    for g0 in range(g_start, g_end, GROUPS):
-        if PREFETCH:  # the step after the last wraps round to the first (unmasked loads stay in bounds)
+    if PREFETCH:
+        p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g_start, g_end, GROUP, GROUPS, EVEN_G)
+    if PREFETCH == 2:  # the second step in flight before the loop starts (wrapping round as below)
+        g_1 = tl.where(g_start + GROUPS < g_end, g_start + GROUPS, g_start)
+        p_1, s_1, z_1 = _int4_words_loads(w_rows, s_rows, z_rows, g_1, g_end, GROUP, GROUPS, EVEN_G)
+    for g0 in tl.range(g_start, g_end, GROUPS, num_stages=STAGES):
+        if PREFETCH == 2:  # two steps ahead: twice the bytes in flight per program, one more tile of registers
+            g_next = tl.where(g0 + 2 * GROUPS < g_end, g0 + 2 * GROUPS, g_start)
+            p_n, s_n, z_n = _int4_words_loads(w_rows, s_rows, z_rows, g_next, g_end, GROUP, GROUPS, EVEN_G)
+        elif PREFETCH:  # the step after the last wraps round to the first (unmasked loads stay in bounds)
             g_next = tl.where(g0 + GROUPS < g_end, g0 + GROUPS, g_start)
             p_n, s_n, z_n = _int4_words_loads(w_rows, s_rows, z_rows, g_next, g_end, GROUP, GROUPS, EVEN_G)
+        else:  # this step's loads in this step: the plain loop, which tl.range(num_stages=STAGES) may pipeline itself
+            p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g0, g_end, GROUP, GROUPS, EVEN_G)
         part = _int4_words_dot(p, z, x_row, g0, g_end, K, GROUP, GROUPS, USE_ASM, EVEN_K, EVEN_G)
         acc += part * s.to(tl.float32)[:, :, None]  # the group's scale, once per word
-        if PREFETCH:
+        if PREFETCH == 2:
+            p, s, z = p_1, s_1, z_1
+            p_1, s_1, z_1 = p_n, s_n, z_n
+        elif PREFETCH:
             p, s, z = p_n, s_n, z_n
-        else:
-            p, s, z = _int4_words_loads(w_rows, s_rows, z_rows, g0 + GROUPS, g_end, GROUP, GROUPS, EVEN_G)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
     tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
              mask=offs_n < N)
@@ -546,7 +563,9 @@ def default_config(kind: str, m: int, n: int, k: int, group_size: int | None = N
 
     m = 1 (decode): the GEMV path, 4 rows of W per program, so n / 4 programs (>= 1024 for Llama's shapes)
     keep enough loads in flight; int4 reads 1 KB of each row per step as int32 words (``WORDS``). m > 1: tensor cores; a
-    BLOCK_N of 32 keeps n / 32 programs busy, and int4 steps two groups at a time.
+    BLOCK_N of 32 keeps n / 32 programs busy, and int4 steps two groups at a time. int4 at 2 <= m <= 16: the
+    swap-AB kernel (``path="small_m"``), 64 rows of W per program, k split for short n: a first choice by the
+    SM count (132 on an H200), not yet a sweep's winner.
     """
     if m <= GEMV_MAX_M:
         if kind == "int8":
@@ -554,6 +573,11 @@ def default_config(kind: str, m: int, n: int, k: int, group_size: int | None = N
         # int32 words and one PTX block a word (WORDS): its fast path needs fp16 x, see _default_for
         return dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=max(1, 2048 // group_size), PREFETCH=True,
                     num_warps=4)
+    if kind == "int4" and m <= SMALL_M_MAX:  # 64 rows of W per MMA; k split until there are ~2 programs per SM
+        split_k = max(1, min(4, 256 // triton.cdiv(n, 64), k // 1024))
+        cfg = dict(path="small_m", BLOCK_N=64, BLOCK_M=16, GROUPS=max(1, 256 // group_size), num_warps=4,
+                   num_stages=3)
+        return cfg if split_k == 1 else {**cfg, "SPLIT_K": split_k}
     block_m = 16 if m <= 16 else 64
     if kind == "int8":
         return dict(path="gemm", BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
@@ -584,7 +608,7 @@ def _default_for(kind: str, x: torch.Tensor, n: int, group_size: int | None = No
     cfg = default_config(kind, m, n, k, group_size)
     if cfg.get("WORDS") and x.dtype != torch.float16:  # the word kernel does fp16 pairs; bf16 / fp32: fp32 maths
         cfg = dict(path="gemv", BLOCK_N=4, GROUPS=max(1, 512 // group_size), MAGIC=True, PREFETCH=True, num_warps=2)
-    if x.dtype == torch.float32 and cfg["path"] == "gemm":
+    if x.dtype == torch.float32 and cfg["path"] in ("gemm", "small_m"):
         cfg["num_stages"] = min(cfg.get("num_stages", 2), 2)
     return cfg
 
@@ -661,8 +685,13 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)
         _int4_gemv_words_kernel[grid](x, words, scales, zeros, out, m, n, k, kp, x.stride(0), words.stride(0), n,
                                       stride_ys, split_len, GROUP=group_size, BLOCK_N=cfg["BLOCK_N"],
-                                      GROUPS=cfg["GROUPS"], PREFETCH=cfg.get("PREFETCH", True), USE_ASM=use_asm,
-                                      EVEN_K=k == kp, EVEN_G=split_len * split_k == kp // group_size, **opts)
+                                      GROUPS=cfg["GROUPS"], PREFETCH=int(cfg.get("PREFETCH", True)), USE_ASM=use_asm,
+                                      EVEN_K=k == kp, EVEN_G=split_len * split_k == kp // group_size,
+                                      STAGES=cfg.get("STAGES"), **opts)
+    elif cfg["path"] == "small_m":  # swap-AB: W's tile is the MMA's big side, x's m <= 16 rows the small one
+        from kernels.quant_matmul_small_m import launch_int4_small_m  # here: that module imports this one
+
+        launch_int4_small_m(x, qweight, scales, zeros, group_size, cfg, out, stride_ys, opts)
     elif cfg["path"] == "gemv":  # one program per (BLOCK_N rows of W, row of x, split)
         half_math = cfg.get("HALF_MATH", False) and x.dtype == torch.float16
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 import labkit
-from kernels.quant_matmul import (int4_fmin_matmul, int4_fmin_matmul_ref, int4_matmul, int4_matmul_ref, int8_matmul,
-                                  int8_matmul_ref, pack_int4, unpack_int4)
+from kernels.quant_matmul import (default_config, int4_fmin_matmul, int4_fmin_matmul_ref, int4_matmul, int4_matmul_ref,
+                                  int8_matmul, int8_matmul_ref, pack_int4, unpack_int4)
+from kernels.quant_matmul_small_m import int4_small_m_matmul
 from labkit.quant import (SCHEMES, QuantLinear, dequantize, group_scale_zero, linear_bytes,
                           load_quantized_state_dict, quantize_model, quantize_state_dict, quantize_tensor)
 
@@ -122,6 +123,7 @@ def test_int4_kernels_match_reference(dtype, group, m, n, k):
     # (one PTX block a word on the GPU for fp16; whole steps and a split), GEMM, and the default
     for cfg in (gemv(GROUPS=2), gemv(GROUPS=2, HALF_MATH=True), gemv(GROUPS=1, MAGIC=False, PREFETCH=False, SPLIT_K=3),
                 gemv(WORDS=True, GROUPS=2), gemv(WORDS=True, BLOCK_N=4, GROUPS=1, PREFETCH=False, SPLIT_K=2),
+                gemv(WORDS=True, GROUPS=1, PREFETCH=2), gemv(WORDS=True, GROUPS=2, PREFETCH=0, STAGES=3),
                 gemm(SPLIT_K=2), gemm(GROUPS=2), None):
         out = int4_matmul(x, qweight, scales, zeros, group, config=cfg)
         assert out.shape == (m, n) and out.dtype == dtype
@@ -191,8 +193,10 @@ def test_int4_word_gemv_unpacks_every_nibble_in_place():
         args = [t.to(DEVICE) for t in (x, qweight, scales, zeros)]
         ref = int4_matmul_ref(*args, g)
         for groups in (1, 4):  # masked last steps, then whole steps (no masks)
-            out = int4_matmul(*args, g, config=dict(path="gemv", WORDS=True, BLOCK_N=2, GROUPS=groups, num_warps=1))
-            assert rel_err(out, ref) < TOL[torch.float16], (g, groups)
+            for prefetch in (True, 2):  # one step in flight; two (4 steps of 1 group: the loads rotate through both)
+                cfg = dict(path="gemv", WORDS=True, BLOCK_N=2, GROUPS=groups, PREFETCH=prefetch, num_warps=1)
+                out = int4_matmul(*args, g, config=cfg)
+                assert rel_err(out, ref) < TOL[torch.float16], (g, groups, prefetch)
 
 
 @pytest.mark.gpu
@@ -206,9 +210,64 @@ def test_int4_word_gemv_on_llama_shapes(n, k):
     for scheme in ("int4_g32", "int4_g128"):
         qt = quantize_tensor(w, scheme)
         ref = x.float() @ dequantize(qt, torch.float32).T
-        for cfg in (None, dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=4, PREFETCH=True, num_warps=2, SPLIT_K=2)):
+        for cfg in (None, dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=4, PREFETCH=True, num_warps=2, SPLIT_K=2),
+                    dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=8, PREFETCH=2, num_warps=4),
+                    dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=8, PREFETCH=0, STAGES=3, num_warps=4)):
             out = int4_matmul(x, qt.qweight, qt.scales, qt.zeros, qt.scheme.group_size, config=cfg)
             assert rel_err(out, ref) < 1e-2, (scheme, cfg)
+
+
+# swap-AB small-m kernel: the whole-step tile (EVEN_K), a masked tail step (GROUPS = 3), split k, scaled tiles,
+# a second block of x's rows (BLOCK_M = 16 < m would need m > 16: BLOCK_N = 16 and BLOCK_M = 32 instead)
+SMALL_M = [dict(), dict(BLOCK_N=32, GROUPS=3), dict(BLOCK_N=16, GROUPS=2, SPLIT_K=2), dict(SCALE_TILE=True, GROUPS=2),
+           dict(BLOCK_N=16, BLOCK_M=32, GROUPS=1, num_stages=2)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k,group", [(2, 48, 256, 32), (5, 96, 256, 128), (16, 80, 200, 32), (3, 64, 512, 128)])
+def test_int4_small_m_kernel_matches_reference(dtype, m, n, k, group):
+    x, qweight, scales, zeros = _int4_problem(torch.Generator().manual_seed(m * n + k), m, n, k, group, dtype)
+    ref = int4_matmul_ref(x, qweight, scales, zeros, group)
+    for cfg in SMALL_M:
+        out = int4_small_m_matmul(x, qweight, scales, zeros, group, config=cfg)
+        assert out.shape == (m, n) and out.dtype == dtype
+        # SCALE_TILE rounds (q - zero) * scale to x's dtype, as an fp16 / bf16 weight would be
+        tol = TOL[dtype] * (2 if cfg.get("SCALE_TILE") else 1)
+        assert rel_err(out, ref) < tol, f"{cfg}: {rel_err(out, ref):.2e}"
+
+
+@pytest.mark.timeout(30)
+def test_int4_dispatch_picks_small_m_between_gemv_and_gemm():
+    # the configs a CUDA run gets by default on Llama-3-8B's shapes (default_config does not look at the device)
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):
+        assert default_config("int4", 1, n, k, 128)["path"] == "gemv"
+        for m in range(2, 17):
+            cfg = default_config("int4", m, n, k, 128)
+            assert cfg["path"] == "small_m" and cfg["BLOCK_N"] >= 64, (m, n, k, cfg)
+        assert default_config("int4", 17, n, k, 128)["path"] == "gemm"
+        assert default_config("int8", 4, n, k)["path"] == "gemm"  # int8 keeps its own paths
+    x, qweight, scales, zeros = _int4_problem(torch.Generator().manual_seed(1), 4, 32, 128, 32, torch.float32)
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
+        int4_small_m_matmul(x, qweight, scales, zeros, 32, config=dict(BLOCK_N=24))
+    with pytest.raises(ValueError, match="BLOCK_M must be one of"):
+        int4_small_m_matmul(x, qweight, scales, zeros, 32, config=dict(BLOCK_M=8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [2, 5, 16])
+def test_int4_small_m_on_llama_shapes(dtype, m):
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    w = (torch.randn(4096, 4096, device="cuda", generator=gen) * 0.02).to(dtype)
+    x = torch.randn(m, 4096, device="cuda", generator=gen).to(dtype)
+    for scheme in ("int4_g32", "int4_g128"):
+        qt = quantize_tensor(w, scheme)
+        ref = x.float() @ dequantize(qt, torch.float32).T
+        for cfg in SMALL_M + [dict(BLOCK_N=128, GROUPS=2, num_warps=8, num_stages=4)]:
+            out = int4_small_m_matmul(x, qt.qweight, qt.scales, qt.zeros, qt.scheme.group_size, config=cfg)
+            assert rel_err(out, ref) < TOL[dtype] * (2 if cfg.get("SCALE_TILE") else 1), (scheme, cfg)
 
 
 def test_int4_kernel_group_128_and_strided_x():

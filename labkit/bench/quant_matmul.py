@@ -11,7 +11,11 @@ and the kernels drift toward compute; by m = 64 dequantisation work, not bytes, 
             tinygemm_int4_g64/g128   torch._weight_int4pack_mm (bf16 activations, its own packing)
             torch_int8               torch._weight_int8pack_mm
             labkit_int8              kernels.quant_matmul.int8_matmul
-            labkit_int4_g32/64/128   kernels.quant_matmul.int4_matmul
+            labkit_int4_g32/64/128   kernels.quant_matmul.int4_matmul (its default path per m, and the sweep)
+            labkit_int4_g128_VARIANT one int4 kernel alone, next to the simpler one it improves on:
+                                     small_m (swap-AB tl.dot, m 2-16) vs gemm (the tl.dot GEMM, m >= 2);
+                                     prefetch2 (two steps of loads in flight) and stages (tl.range's
+                                     pipeliner) vs the WORDS GEMV's one-step prefetch (m = 1)
             labkit_ternary           kernels.ternary.ternary_matmul (if present)
 
 Every implementation is first checked against a float matmul with its own dequantised weight
@@ -26,6 +30,7 @@ is in ``sweep``). ``gbps`` counts the bytes that must move: the stored weight (c
 plus x and y, over the median time.
 
 Run on a GPU machine: ``python -m labkit.bench quant_matmul --sweep`` -> data/bench/quant_matmul.json.
+A few rows on their own: ``--impls fp16_cublas,labkit_int4_g128,labkit_int4_g128_small_m --batches 1,4,16``.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from labkit.quant import dequantize, quantize_tensor
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (n, k) = (out_features, in_features)
 BATCHES = (1, 4, 16, 64)
 GROUPS = (32, 64, 128)
+INT4_VARIANTS = ("small_m", "gemm", "prefetch2", "stages")  # rows labkit_int4_g128_VARIANT
 
 
 # Candidate configs per batch size (the sweep); each one is a compile on the GPU machine, so the lists stay
@@ -57,8 +63,52 @@ _GEMM = {1: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 16, 2
          64: [(64, 64, 1, 4, 3), (64, 128, 1, 8, 3), (32, 64, 1, 4, 4), (64, 32, 2, 4, 4), (32, 32, 2, 4, 4)]}
 
 
-def candidate_configs(kind: str, m: int, n: int, k: int, group: int | None = None) -> list[dict]:
-    """The default config first, then the sweep's candidates for this batch size."""
+# int4 variants, each list short (a compile per config). _SMALL_M (swap-AB, 2 <= m <= 16): (BLOCK_N, bytes of
+# a W row per step, warps, stages, SPLIT_K, SCALE_TILE). _PREFETCH2 (WORDS, m = 1, two steps in flight):
+# (BLOCK_N, bytes of a W row per step, warps, SPLIT_K). _STAGES (WORDS, m = 1, no manual prefetch, tl.range
+# pipelining instead): (BLOCK_N, bytes of a W row per step, warps, STAGES).
+_SMALL_M = [(64, 128, 4, 3, 1, False), (64, 128, 4, 4, 2, False), (128, 128, 8, 3, 1, False), (32, 128, 4, 4, 1, False),
+            (64, 256, 4, 3, 1, True), (128, 64, 4, 4, 2, False), (64, 64, 4, 4, 4, False)]
+_PREFETCH2 = [(4, 1024, 4, 1), (4, 2048, 4, 1), (4, 512, 2, 1), (8, 1024, 4, 1), (2, 1024, 2, 1), (4, 1024, 2, 1),
+              (8, 512, 4, 1), (4, 1024, 4, 2)]
+_STAGES = [(4, 1024, 4, 3), (4, 1024, 4, 4), (4, 512, 2, 3), (8, 1024, 4, 3), (4, 2048, 4, 3), (4, 512, 4, 4)]
+
+
+def _variant_configs(variant: str, m: int, n: int, k: int, group: int) -> list[dict]:
+    """One int4 kernel's candidates (empty where it does not apply to this m)."""
+    half = group // 2
+    if variant == "small_m" and 2 <= m <= 16:
+        cands = [default_config("int4", m, n, k, group)]
+        for bn, nbytes, warps, stages, split_k, scale_tile in _SMALL_M:
+            cfg = dict(path="small_m", BLOCK_N=bn, BLOCK_M=16, GROUPS=max(1, nbytes // half), num_warps=warps,
+                       num_stages=stages, SCALE_TILE=scale_tile)
+            cands.append(cfg if split_k == 1 else {**cfg, "SPLIT_K": split_k})
+        return cands
+    if variant == "gemm" and m >= 2:  # the tl.dot GEMM alone: the default before small_m, then its sweep
+        cands = [dict(path="gemm", BLOCK_M=16 if m <= 16 else 64, BLOCK_N=32, GROUPS=2, num_warps=4, num_stages=4)]
+        return cands + [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, GROUPS=g, num_warps=w, num_stages=st)
+                        for bm, bn, g, w, st in _GEMM[1 if m <= 4 else (16 if m <= 16 else 64)]]
+    if variant == "prefetch2" and m == 1:
+        return [{**dict(path="gemv", WORDS=True, BLOCK_N=bn, GROUPS=max(1, nbytes // half), PREFETCH=2,
+                        num_warps=warps), **({"SPLIT_K": split_k} if split_k > 1 else {})}
+                for bn, nbytes, warps, split_k in _PREFETCH2]
+    if variant == "stages" and m == 1:
+        return [dict(path="gemv", WORDS=True, BLOCK_N=bn, GROUPS=max(1, nbytes // half), PREFETCH=0, STAGES=stages,
+                     num_warps=warps) for bn, nbytes, warps, stages in _STAGES]
+    return []
+
+
+def _int4_name(name: str) -> tuple[int, str | None]:
+    """"labkit_int4_g128" -> (128, None); "labkit_int4_g128_small_m" -> (128, "small_m")."""
+    group, _, variant = name.rsplit("_g", 1)[1].partition("_")
+    return int(group), variant or None
+
+
+def candidate_configs(kind: str, m: int, n: int, k: int, group: int | None = None,
+                      variant: str | None = None) -> list[dict]:
+    """The default config first, then the sweep's candidates for this batch size (``variant``: one int4 kernel's)."""
+    if variant is not None:
+        return _variant_configs(variant, m, n, k, group)
     cands = [default_config(kind, m, n, k, group)]
     if m <= 4:
         for bn, nbytes, warps, prefetch in _GEMV:
@@ -107,7 +157,9 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def add_arguments(parser):
     parser.add_argument("--sweep", action="store_true", help="try several kernel configs per (shape, m), keep the fastest")
-    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], help="e.g. 1,4,16 or 1 4 16")
+    parser.add_argument("--impls", default=None, help="comma-separated rows to run (default: all), e.g. "
+                        "fp16_cublas,labkit_int4_g128,labkit_int4_g128_small_m")
     parser.add_argument("--quick", action="store_true", help="only the first shape (a smoke test)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile the sweep's kernels in this many processes first (Triton's disk cache keeps them)")
@@ -119,10 +171,10 @@ def _warm(task) -> int:
     torch.manual_seed(0)
     w = (torch.randn(n, k, device="cuda") * 0.02).half()
     kind, _, fn, _ = _implementations(w, only=name)[name]
-    group = int(name.rsplit("_g", 1)[1]) if kind == "int4" else None
+    group, variant = _int4_name(name) if kind == "int4" else (None, None)
     x = torch.randn(m, k, device="cuda").half()
     failures = 0
-    for cfg in candidate_configs(kind, m, n, k, group):
+    for cfg in candidate_configs(kind, m, n, k, group, variant):
         try:
             fn(x, cfg)
         except Exception:  # reported by the timed pass, which runs the same config again
@@ -131,10 +183,11 @@ def _warm(task) -> int:
     return failures
 
 
-def _precompile(batches, jobs: int) -> None:
+def _precompile(batches, jobs: int, impls: list[str] | None = None) -> None:
     import multiprocessing as mp
 
-    names = ["labkit_int8"] + [f"labkit_int4_g{g}" for g in GROUPS]
+    names = ["labkit_int8"] + [f"labkit_int4_g{g}" for g in GROUPS] + [f"labkit_int4_g128_{v}" for v in INT4_VARIANTS]
+    names = [name for name in names if impls is None or name in impls]
     tasks = [(name, m, SHAPES[0]) for m in batches for name in names]
     with mp.get_context("spawn").Pool(jobs) as pool:
         pool.map(_warm, tasks, chunksize=1)
@@ -146,7 +199,7 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
         if only == "labkit_int8":
             qt = quantize_tensor(w, "int8")
             return {only: ("int8", qt.nbytes, lambda x, c: int8_matmul(x, qt.qweight, qt.scales, config=c), None)}
-        qt = quantize_tensor(w, "int4_g" + only.rsplit("_g", 1)[1])
+        qt = quantize_tensor(w, f"int4_g{_int4_name(only)[0]}")
         return {only: ("int4", qt.nbytes, lambda x, c: int4_matmul(x, qt.qweight, qt.scales, qt.zeros,
                                                                    qt.scheme.group_size, config=c), None)}
     impls = {"fp16_cublas": ("dense", w.numel() * 2, lambda x, c: F.linear(x, w), w.float())}
@@ -173,6 +226,8 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
             "int4", qt.nbytes,
             lambda x, c, q=qt: int4_matmul(x, q.qweight, q.scales, q.zeros, q.scheme.group_size, config=c),
             dequantize(qt, torch.float32))
+    for variant in INT4_VARIANTS:  # the same weight and call; only the candidate configs differ
+        impls[f"labkit_int4_g128_{variant}"] = impls["labkit_int4_g128"]
     try:
         from kernels.ternary import pack_ternary, ternary_matmul
         from labkit.ternary import absmean_ternarise
@@ -206,23 +261,33 @@ def run(args) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, sweep = [], []
     shapes = SHAPES[:1] if args.quick else SHAPES
+    args.batches = [int(b) for part in args.batches for b in str(part).split(",") if b]
+    only = args.impls.split(",") if getattr(args, "impls", None) else None  # notebook 08 passes a Namespace without it
     if args.sweep and args.jobs > 1:
         import time
 
         start = time.perf_counter()
-        _precompile(args.batches, args.jobs)
+        _precompile(args.batches, args.jobs, only)
         print(f"compiled the sweep's kernels in {args.jobs} processes: {time.perf_counter() - start:.0f} s", flush=True)
     for n, k in shapes:
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()
         impls = _implementations(w)
+        if only is not None:
+            unknown = sorted(set(only) - set(impls))
+            if unknown:
+                raise SystemExit(f"--impls: unknown {unknown}; the rows are {sorted(impls)}")
+            impls = {name: impl for name, impl in impls.items() if name in only}
         for m in args.batches:
             x = torch.randn(m, k, device="cuda", generator=gen).half()
             for name, (kind, wbytes, fn, deq) in impls.items():
                 ref = x.float() @ deq.T
                 cands = [None]
                 if kind in ("int8", "int4"):
-                    group = int(name.rsplit("_g", 1)[1]) if kind == "int4" else None
-                    cands = candidate_configs(kind, m, n, k, group) if args.sweep else [default_config(kind, m, n, k, group)]
+                    group, variant = _int4_name(name) if kind == "int4" else (None, None)
+                    cands = candidate_configs(kind, m, n, k, group, variant)
+                    cands = cands if args.sweep else cands[:1]
+                    if not cands:  # a variant for other batch sizes
+                        continue
                 best = None
                 for cfg in cands:
                     try:
@@ -266,8 +331,10 @@ def speedups(rows: list[dict], m: int = 1, baseline: str = "fp16_cublas") -> dic
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """Batch-1 speed-ups over fp16 cuBLAS, one line per shape (what the targets are judged on)."""
+    """Batch-1 and batch-16 speed-ups over fp16 cuBLAS, one line per shape (what the targets are judged on)."""
     lines = []
-    for (n, k), sp in speedups(rows).items():
-        lines.append(f"m=1 n={n} k={k}: " + "  ".join(f"{impl} {x:.2f}x" for impl, x in sp.items() if impl != "fp16_cublas"))
+    for m in (1, 16):
+        for (n, k), sp in speedups(rows, m).items():
+            lines.append(f"m={m} n={n} k={k}: " + "  ".join(f"{impl} {x:.2f}x" for impl, x in sp.items()
+                                                             if impl != "fp16_cublas"))
     return lines
