@@ -31,6 +31,8 @@ Blocked algorithm (int4; int8 is the same without groups and zeros, its row scal
         y = sum over GROUPS of acc
     GEMV, WORDS (fp16): the same loop over int32 words w = bytes 4i..4i+3 of a group
         acc[BLOCK_N, GROUPS, G/8] += word_dot(w, x[4i..4i+3], x[G/2+4i..G/2+4i+3], zero) * scale
+    GEMV, WORDS, int8 (fp16): int32 word i = weights 4i..4i+3, x64[i] = their inputs
+        acc[BLOCK_N, BLOCK_K/4] += word_dot(w, x64[i])       # sum of q / 128 * x;  y = sum(acc) * 128 * scale
     GEMM (m > 1, tensor cores): one program per (BLOCK_M rows of x, BLOCK_N rows of W)
         for each group g:  acc += (x_lo @ ((p & 15) - zero) + x_hi @ ((p >> 4) - zero)) * scale[g]
 
@@ -701,7 +703,7 @@ def _default_for(kind: str, x: torch.Tensor, n: int, group_size: int | None = No
     cfg = default_config(kind, m, n, k, group_size)
     if kind == "int8" and cfg.get("WORDS") and (x.dtype != torch.float16 or k % 4):  # words need fp16 x, k % 4 == 0
         cfg = dict(INT8_GEMV_CONFIG)
-    if kind == "int4" and cfg.get("WORDS") and x.dtype != torch.float16:  # the word kernel does fp16 pairs; bf16 / fp32: fp32 maths
+    if kind == "int4" and cfg.get("WORDS") and x.dtype != torch.float16:  # fp16 pairs; bf16 / fp32: fp32 maths
         cfg = dict(path="gemv", BLOCK_N=4, GROUPS=max(1, 512 // group_size), MAGIC=True, PREFETCH=True, num_warps=2)
     if x.dtype == torch.float32 and cfg["path"] == "gemm":
         cfg["num_stages"] = min(cfg.get("num_stages", 2), 2)
@@ -772,7 +774,7 @@ def _int8_words_launch(x, qweight, scales, out, stride_ys, cfg: dict, opts: dict
         raise ValueError(f"WORDS needs BLOCK_K a power of two >= 4 (four weights a word), got {block_k}")
     use_asm = x.dtype == torch.float16 and not INTERPRETER
     if use_asm and (x.stride(0) % 4 or x.data_ptr() % 8):
-        x = x.clone(memory_format=torch.contiguous_format)  # read as int64 (four inputs each): rows must start 8-byte aligned
+        x = x.clone(memory_format=torch.contiguous_format)  # read as int64: rows must start 8-byte aligned
     if qweight.data_ptr() % 4:
         qweight = qweight.clone()
     words = qweight.view(torch.int32)  # (N, K // 4): four int8 weights a word
