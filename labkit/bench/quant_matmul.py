@@ -150,9 +150,9 @@ def add_arguments(parser):
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile the sweep's kernels in this many processes first (Triton's disk cache keeps them)")
     parser.add_argument("--impls", default=None,
-                        help="comma-separated implementations to time (default all), e.g. fp16_cublas,labkit_int8_words")
+                        help="comma-separated implementations to time (default all): fp16_cublas,labkit_int8_words")
     parser.add_argument("--sass", action="store_true",
-                        help="print SASS instructions per weight in the main loop of every labkit GEMV candidate")
+                        help="print SASS instructions a weight in the main loop of every labkit GEMV candidate")
 
 
 def _warm(task) -> int:
