@@ -31,6 +31,8 @@ Blocked algorithm (int4; int8 is the same without groups and zeros, its row scal
         y = sum over GROUPS of acc
     GEMV, WORDS (fp16): the same loop over int32 words w = bytes 4i..4i+3 of a group
         acc[BLOCK_N, GROUPS, G/8] += word_dot(w, x[4i..4i+3], x[G/2+4i..G/2+4i+3], zero) * scale
+    GEMV, WORDS, int8 (fp16): int32 word i = weights 4i..4i+3, x64[i] = their inputs
+        acc[BLOCK_N, BLOCK_K/4] += word_dot(w, x64[i])       # sum of q / 128 * x;  y = sum(acc) * 128 * scale
     GEMM (m > 1, tensor cores): one program per (BLOCK_M rows of x, BLOCK_N rows of W)
         for each group g:  acc += (x_lo @ ((p & 15) - zero) + x_hi @ ((p >> 4) - zero)) * scale[g]
 
@@ -61,6 +63,16 @@ Tricks, each a constexpr so the plain version stays next to it:
   instead hands the loop to ``tl.range(num_stages=...)``, whose pipeliner stages the loads itself (PREFETCH = 0).
 - int4 at 2 <= m <= 16 (``path="small_m"``, the default there): the GEMM with A and B swapped, so the weight
   tile is the tensor core's big side; its own lesson is in :mod:`kernels.quant_matmul_small_m`.
+- ``WORDS`` for int8 (``_int8_gemv_words_kernel``): the same idea for int8 weights. An int32 word is 4 weights
+  and one int64 of x its 4 inputs; one PTX block a word (``_INT8_WORD_DOT_ASM``): XOR 0x80 on the word makes each
+  byte q + 128 (1 LOP3 for 4 weights), PRMT puts two bytes under fp16's 0x64 exponent byte: 1024 + 128 + q exactly
+  (1/2 a weight), one HFMA2 per pair turns that into q / 128 exactly (1/2), HMUL2 + HFMA2 multiply-add the pairs
+  (1/2), two widenings and two FADDs: 11 instructions for 4 weights, ~2.9 a weight with the loads (against ~6 for
+  the fp32 path). The fp16 bound: the word's products q / 128 * x are at most |x|, two of them summed per lane
+  before widening, so fp16 overflows only for |x| > 32,000; the 1 / 128 costs precision only where |q x| / 128
+  < 2**-14 (fp16 subnormals, absolute error 2**-25 * 128 * scale, far below the weight's own rounding). Without
+  the 1 / 128 (HSUB2 1152 instead, as the int4 path), one product 127 * x overflows already for |x| > 516.
+  bf16 / fp32 x keep the fp32 path (``_default_for``).
 - ``SPLIT_K``: more programs along k, whose fp32 partial sums torch adds afterwards (an extra launch).
 """
 from __future__ import annotations
@@ -76,6 +88,8 @@ from labkit.device import INTERPRETER
 SUPPORTED_GROUPS = (32, 64, 128, 256)
 GEMV_MAX_M = 1  # up to this many rows of x the GEMV path is the default (measured: m = 4 already favours tl.dot)
 SMALL_M_MAX = 16  # int4, GEMV_MAX_M < m <= this: the swap-AB kernel of kernels/quant_matmul_small_m.py
+# int8's fp32 GEMV as the sweep in data/bench/quant_matmul.json picked it: the fallback where WORDS does not apply
+INT8_GEMV_CONFIG = dict(path="gemv", BLOCK_N=4, BLOCK_K=512, MAGIC=True, PREFETCH=True, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- int4 packing (the layout)
@@ -158,6 +172,111 @@ def _int8_gemv_kernel(
     s = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s  # (BN,)
     tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+# One int32 word of int8 weights (bytes b0..b3 = weights 4i..4i+3) and the four fp16 inputs they multiply (one
+# int64 = two fp16 pairs) -> the fp32 sum of the word's four (q / 128) * x. XOR 0x80 turns each signed byte q into
+# u = q + 128 (0..255); PRMT puts two bytes under fp16's 1024.0 (0x64 in each lane's high byte): 1024 + u, exact;
+# one HFMA2 per pair computes (1024 + u) / 128 - 9 = q / 128, exact, so every product is at most |x| (the row's
+# scale gets the 128 back at the end); HMUL2 + HFMA2 add the four products two lanes deep; two widenings and an
+# FADD: 11 instructions for 4 weights, Triton's FADD into the accumulator included.
+_INT8_WORD_DOT_ASM = tl.constexpr("""
+{
+.reg .b32 u, v0, v1, x0, x1, sc, off, a;
+.reg .b16 h0, h1;
+.reg .f32 f0, f1;
+mov.b64 {x0, x1}, $2;
+xor.b32 u, $1, 0x80808080;
+prmt.b32 v0, u, 0x64646464, 0x4140;
+prmt.b32 v1, u, 0x64646464, 0x4342;
+mov.b32 sc, 0x20002000;
+mov.b32 off, 0xC880C880;
+fma.rn.f16x2 v0, v0, sc, off;
+fma.rn.f16x2 v1, v1, sc, off;
+mul.f16x2 a, v0, x0;
+fma.rn.f16x2 a, v1, x1, a;
+mov.b32 {h0, h1}, a;
+cvt.f32.f16 f0, h0;
+cvt.f32.f16 f1, h1;
+add.f32 $0, f0, f1;
+}
+""")
+
+
+@triton.jit
+def _int8_words_loads(w_rows, i0, i_end, BLOCK_W: tl.constexpr, EVEN: tl.constexpr):
+    """One step's weight loads: [BLOCK_N, BLOCK_W] int32 words, four int8 weights each. With EVEN every step is
+    whole, so nothing is masked (a masked load costs a zeroing move per register)."""
+    i = i0 + tl.arange(0, BLOCK_W)[None, :]  # (1, BW)
+    if EVEN:
+        return tl.load(w_rows + i)
+    else:
+        return tl.load(w_rows + i, mask=i < i_end, other=0)
+
+
+@triton.jit
+def _int8_words_dot(p, x_row, i0, i_end, BLOCK_W: tl.constexpr, USE_ASM: tl.constexpr, EVEN: tl.constexpr):
+    """(BN, BW) fp32: for every word, the sum of its four (q / 128) * x (the row scale and the 128 come later)."""
+    i = i0 + tl.arange(0, BLOCK_W)[None, :]  # (1, BW): word i multiplies x[4i .. 4i+3], which is x64[i]
+    valid = i < i_end
+    if USE_ASM:
+        x64 = x_row.to(tl.pointer_type(tl.int64))
+        if EVEN:  # (BN, BW): pointers of p's shape, so x gets p's register layout
+            x = tl.load(x64 + i)
+        else:
+            x = tl.load(x64 + i, mask=valid, other=0)
+        return tl.inline_asm_elementwise(_INT8_WORD_DOT_ASM, "=r,r,l", [p, x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:  # the same sums one byte at a time, in fp32 (the interpreter; bf16 and fp32 inputs)
+        part = tl.zeros(p.shape, tl.float32)
+        for b in tl.static_range(4):
+            q = (p << (24 - 8 * b)) >> 24  # byte b, sign-extended by the arithmetic shift
+            xb = tl.load(x_row + 4 * i + b, mask=valid, other=0.0)
+            part += (q.to(tl.float32) * 0.0078125) * xb.to(tl.float32)
+        return part
+
+
+@triton.jit
+def _int8_gemv_words_kernel(
+    x_ptr,  # [M, K] fp16 / bf16 / fp32, unit stride along K (USE_ASM: fp16, rows 8-byte aligned)
+    w_ptr,  # [N, K // 4] int32: the int8 weights read four at a time, row stride stride_wn (in words)
+    s_ptr,  # [N] one scale per output row
+    y_ptr,  # [M, N] x's dtype, or [SPLIT_K, M, N] fp32 partial sums
+    M, N, K,
+    stride_xm, stride_wn, stride_ym, stride_ys,
+    SPLIT_STEPS,  # BLOCK_W-steps of words each split (program_id 2) covers
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,  # int32 words of a W row per step = 4 * BLOCK_W weights
+    PREFETCH: tl.constexpr,  # issue the next step's weight loads before this step's arithmetic
+    USE_ASM: tl.constexpr,  # fp16 x on the GPU: one inline-PTX block per word (_INT8_WORD_DOT_ASM)
+    EVEN: tl.constexpr,  # every split holds whole steps: no load is masked
+):
+    # As _int8_gemv_kernel, but the tile is [BLOCK_N, BLOCK_W] int32 words. Rows past N read row N - 1 (in
+    # bounds, never stored), so no load needs a row mask.
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    rows = tl.minimum(offs_n, N - 1)
+    w_rows = w_ptr + rows[:, None] * stride_wn  # (BN, 1)
+    x_row = x_ptr + m * stride_xm + rows[:, None] * 0  # (BN, 1), all the same row of x
+    num_words = K // 4
+    i_start = tl.program_id(2) * SPLIT_STEPS * BLOCK_W
+    i_end = tl.minimum(i_start + SPLIT_STEPS * BLOCK_W, num_words)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+    p = _int8_words_loads(w_rows, i_start, i_end, BLOCK_W, EVEN)
+    for i0 in range(i_start, i_end, BLOCK_W):
+        i_next = tl.where(i0 + BLOCK_W < i_end, i0 + BLOCK_W, i_start)  # after the last step: wrap, stay in bounds
+        if PREFETCH:  # the next tile is in flight while this one is unpacked and multiplied
+            p_next = _int8_words_loads(w_rows, i_next, i_end, BLOCK_W, EVEN)
+        acc += _int8_words_dot(p, x_row, i0, i_end, BLOCK_W, USE_ASM, EVEN)
+        if PREFETCH:
+            p = p_next
+        else:
+            p = _int8_words_loads(w_rows, i_next, i_end, BLOCK_W, EVEN)
+    s = tl.load(s_ptr + rows).to(tl.float32) * 128.0  # the 128 the word dot divided by
+    y = tl.sum(acc, axis=1) * s  # (BN,)
+    tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
+             mask=offs_n < N)
 
 
 # Four packed bytes [b3 b2 b1 b0] -> eight fp16 values 1024 + code, as pairs in 32-bit registers: PRMT moves
@@ -568,8 +687,8 @@ def default_config(kind: str, m: int, n: int, k: int, group_size: int | None = N
     SM count (132 on an H200), not yet a sweep's winner.
     """
     if m <= GEMV_MAX_M:
-        if kind == "int8":
-            return dict(path="gemv", BLOCK_N=4, BLOCK_K=512, MAGIC=True, PREFETCH=True, num_warps=4)
+        if kind == "int8":  # int32 words (WORDS), fp16 x only (see _default_for); not yet in the recorded sweep
+            return dict(path="gemv", WORDS=True, BLOCK_N=4, BLOCK_K=1024, PREFETCH=True, num_warps=4)
         # int32 words and one PTX block a word (WORDS): its fast path needs fp16 x, see _default_for
         return dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=max(1, 2048 // group_size), PREFETCH=True,
                     num_warps=4)
@@ -606,7 +725,9 @@ def _default_for(kind: str, x: torch.Tensor, n: int, group_size: int | None = No
     fp16 ones, and four stages of int8's GEMM tile overflow shared memory (253,952 of 232,448 bytes on an H200)."""
     m, k = x.shape
     cfg = default_config(kind, m, n, k, group_size)
-    if cfg.get("WORDS") and x.dtype != torch.float16:  # the word kernel does fp16 pairs; bf16 / fp32: fp32 maths
+    if kind == "int8" and cfg.get("WORDS") and (x.dtype != torch.float16 or k % 4):  # words need fp16 x, k % 4 == 0
+        cfg = dict(INT8_GEMV_CONFIG)
+    if kind == "int4" and cfg.get("WORDS") and x.dtype != torch.float16:  # fp16 pairs; bf16 / fp32: fp32 maths
         cfg = dict(path="gemv", BLOCK_N=4, GROUPS=max(1, 512 // group_size), MAGIC=True, PREFETCH=True, num_warps=2)
     if x.dtype == torch.float32 and cfg["path"] in ("gemm", "small_m"):
         cfg["num_stages"] = min(cfg.get("num_stages", 2), 2)
@@ -636,6 +757,8 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *,
 
     ``config`` overrides :func:`default_config`: ``path`` "gemv" or "gemm", that kernel's block sizes, and
     ``SPLIT_K`` (split k over that many programs; their fp32 partial sums are added by torch afterwards).
+    ``WORDS=True`` (gemv) reads the weights as int32 words (k must be a multiple of 4), one PTX block a word for
+    fp16 x on the GPU; fp32 maths otherwise.
     """
     x, qweight, scales = _check_int8(x, qweight, scales)
     m, k = x.shape
@@ -645,7 +768,9 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *,
     out, stride_ys = _outputs(x, n, split_k)
     opts = _launch_options(cfg)
     steps = triton.cdiv(triton.cdiv(k, cfg["BLOCK_K"]), split_k)  # BLOCK_K-steps per split
-    if cfg["path"] == "gemv":  # one program per (BLOCK_N rows of W, row of x, split)
+    if cfg["path"] == "gemv" and cfg.get("WORDS", False):  # int32 words, one PTX block a word on fp16 inputs
+        _int8_words_launch(x, qweight, scales, out, stride_ys, cfg, opts)
+    elif cfg["path"] == "gemv":  # one program per (BLOCK_N rows of W, row of x, split)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)
         _int8_gemv_kernel[grid](x, qweight, scales, out, m, n, k, x.stride(0), qweight.stride(0), n, stride_ys,
                                 steps, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], MAGIC=cfg["MAGIC"],
@@ -659,6 +784,30 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *,
                                 DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, BITS_DTYPE=bits,
                                 MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value, **opts)
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+def _int8_words_launch(x, qweight, scales, out, stride_ys, cfg: dict, opts: dict) -> None:
+    """Launch _int8_gemv_words_kernel: ``cfg["BLOCK_K"]`` weights (bytes) of a row per step, a power of two >= 4."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_k, split_k = cfg["BLOCK_K"], cfg.get("SPLIT_K", 1)
+    if k % 4:
+        raise ValueError(f"WORDS reads int8 rows as int32 words: k = {k} must be a multiple of 4 (use the gemv "
+                         "path without WORDS)")
+    if block_k < 4 or block_k & (block_k - 1):
+        raise ValueError(f"WORDS needs BLOCK_K a power of two >= 4 (four weights a word), got {block_k}")
+    use_asm = x.dtype == torch.float16 and not INTERPRETER
+    if use_asm and (x.stride(0) % 4 or x.data_ptr() % 8):
+        x = x.clone(memory_format=torch.contiguous_format)  # read as int64: rows must start 8-byte aligned
+    if qweight.data_ptr() % 4:
+        qweight = qweight.clone()
+    words = qweight.view(torch.int32)  # (N, K // 4): four int8 weights a word
+    block_w = block_k // 4
+    steps = triton.cdiv(triton.cdiv(k // 4, block_w), split_k)  # BLOCK_W-steps per split
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)
+    _int8_gemv_words_kernel[grid](x, words, scales, out, m, n, k, x.stride(0), words.stride(0), n, stride_ys, steps,
+                                  BLOCK_N=cfg["BLOCK_N"], BLOCK_W=block_w, PREFETCH=cfg.get("PREFETCH", True),
+                                  USE_ASM=use_asm, EVEN=steps * split_k * block_w == k // 4, **opts)
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

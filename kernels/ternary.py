@@ -33,6 +33,28 @@ reference ``ternary_matmul_ref`` unpacks with torch and does the same arithmetic
 Measured on an H200 (data/bench/quant_matmul.json, notebook 10): 8x fewer bytes than fp16 is *not* 8x
 faster. Per packed byte the kernel does four shift / mask / float-building steps and four multiply-adds
 per row of x, so it is bound by instructions long before memory.
+
+v2, the words GEMV (``ternary_matmul_words``, fp16 x, m = 1): a second layout, ``pack_ternary_words``, made for
+the unpacking rather than for reading by eye. 16 weights make an int32 word; in each word the two weights that
+share an fp16 pair of x sit 16 bits apart (bits 2s and 16 + 2s), so one LOP3 lifts both codes into an fp16 pair
+at once, and the word's four int64 of x are each contiguous across neighbouring words (vector loads)::
+
+    for each step of BLOCKS x 16 words of the BLOCK_N rows:           # one 16-byte load: 4 words = 64 weights
+        for each word w (16 weights) and its 4 int64 of x (16 inputs, 8 fp16 pairs):
+            sh = w >> 10                                              # 1 SHR: slots 5..7 into the mantissa
+            for slot s in 0..7:                                       # a pair of weights
+                q = (w or sh) & (3 << 2s, both lanes) | 0x6400       # 1 LOP3: fp16 pair 1024 + c * 4**s
+                t = q * 4**-s - (1024 * 4**-s + 1)                    # 1 HFMA2: c - 1 = -1 / 0 / +1, exact
+                a = t * x_pair + a                                    # 1 HFMA2 (the first an HMUL2)
+            acc += f32(a.lo) + f32(a.hi)                              # 2 widenings, 2 FADDs
+    y = sum(acc) * scale
+
+Expected: 29 instructions for 16 weights in the word's PTX block, 1.8 a weight, ~2 with the loads (a quarter of
+a 16-byte load for the word, two 16-byte loads for its x); the fp32 path above spends ~7. The ``select`` form
+(x where +1 minus x where -1, via masks) needs a 16-bit all-ones mask per weight, which 2 stored bits cannot
+give without more instructions than the HFMA2 it would replace. The fp16 bound: the products are exact (+-x or
+0), 8 of them summed per lane before widening, so |x| must stay below 65504 / 8 ~ 8,000; the rounding of those
+sums (7 fp16 additions) is the only error beyond fp32's.
 """
 from __future__ import annotations
 
@@ -78,7 +100,7 @@ def unpack_ternary(packed: torch.Tensor, dtype: torch.dtype = torch.int8) -> tor
     return (codes.to(torch.int16) - 1).to(dtype)
 
 
-def _check(x: torch.Tensor, packed: torch.Tensor, scale) -> torch.Tensor:
+def _check(x: torch.Tensor, packed: torch.Tensor, scale, k_multiple: int = 4) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (m, k), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -90,6 +112,9 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scale) -> torch.Tensor:
             f"packed holds {packed.shape[1] * 4} weights a row but x has k = {x.shape[1]}: "
             "packed must be (n, k // 4) with four 2-bit weights a byte"
         )
+    if x.shape[1] % k_multiple:
+        raise ValueError(f"the words layout needs k a multiple of {k_multiple}, got k = {x.shape[1]}: "
+                         "use pack_ternary and ternary_matmul")
     if x.device != packed.device:
         raise ValueError(f"x is on {x.device} but packed is on {packed.device}")
     n = packed.shape[0]
@@ -238,3 +263,211 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, scale, config: dict | 
         **cfg,
     )
     return out
+
+
+# ----------------------------------------------------------------------------- v2: the words layout and GEMV
+# Block of 256 weights = 16 int32 words; word i of block b holds the 16 weights that the four int64 of x
+# x64[64b + i + 16j] (j = 0..3, four fp16 inputs each) multiply. Slot s = 2j + h (h: which fp16 pair of that
+# int64) keeps the pair's first weight in bits 2s..2s+1 (low 16-bit lane) and its second in bits 16+2s.. (high
+# lane), as code w + 1: a pair of codes that one LOP3 can lift into an fp16 pair.
+WORDS_BLOCK = 256  # weights a block; K must be a multiple of it
+_WORDS_PER_BLOCK = 16
+
+
+def pack_ternary_words(t: torch.Tensor) -> torch.Tensor:
+    """Pack a ternary (N, K) matrix into the words layout above: (N, K // 4) uint8, the bytes of (N, K // 16)
+    little-endian int32 words. K must be a multiple of 256."""
+    if t.dim() != 2:
+        raise ValueError(f"pack_ternary_words expects a 2-D (N, K) matrix, got shape {tuple(t.shape)}")
+    n, k = t.shape
+    if k % WORDS_BLOCK:
+        raise ValueError(f"K = {k} is not a multiple of {WORDS_BLOCK}: use pack_ternary (bytes layout) or pad K")
+    codes = pack_ternary(t)  # validates the values; the bytes layout's codes are re-read below
+    codes = unpack_ternary(codes, torch.int64) + 1  # (N, K) codes 0..2
+    codes = codes.view(n, k // WORDS_BLOCK, 4, _WORDS_PER_BLOCK, 2, 2)  # (N, blocks, j, i, h, lane): k = 64j+4i+2h+lane
+    shifts = torch.tensor([[2 * (2 * j + h) + 16 * lane for h in range(2) for lane in range(2)] for j in range(4)])
+    shifts = shifts.view(4, 1, 2, 2).to(codes.device)  # (j, 1, h, lane)
+    words = (codes << shifts).sum(dim=(2, 4, 5))  # (N, blocks, i) int64: disjoint bits, so the sum is an OR
+    byte_shifts = torch.arange(0, 32, 8, device=codes.device)
+    return ((words[..., None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(n, k // 4).contiguous()
+
+
+def unpack_ternary_words(packed: torch.Tensor, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary_words`: (N, K // 4) uint8 -> (N, K) with values -1, 0, +1."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"unpack_ternary_words expects a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    n, kb = packed.shape
+    if (4 * kb) % WORDS_BLOCK:
+        raise ValueError(f"{4 * kb} weights a row is not a multiple of {WORDS_BLOCK}")
+    b = packed.to(torch.int64).view(n, kb // 4, 4)
+    words = (b << torch.arange(0, 32, 8, device=packed.device)).sum(-1)  # (N, K // 16)
+    words = words.view(n, 4 * kb // WORDS_BLOCK, 1, _WORDS_PER_BLOCK, 1, 1)  # (N, blocks, j, i, h, lane)
+    shifts = torch.tensor([[2 * (2 * j + h) + 16 * lane for h in range(2) for lane in range(2)] for j in range(4)])
+    codes = (words >> shifts.view(4, 1, 2, 2).to(packed.device)) & 3  # (N, blocks, 4, 16, 2, 2)
+    return (codes.reshape(n, 4 * kb) - 1).to(dtype)
+
+
+def ternary_matmul_words_ref(x: torch.Tensor, packed: torch.Tensor, scale) -> torch.Tensor:
+    """Plain-torch :func:`ternary_matmul_words`: unpack the words layout, x @ T^T in fp32, times the scale."""
+    scale = _check(x, packed, scale, WORDS_BLOCK)
+    t = unpack_ternary_words(packed, torch.float32)  # (N, K)
+    return ((x.float() @ t.T) * scale[None, :]).to(x.dtype)
+
+
+def _f16_pair(value: float) -> str:
+    """The 32-bit pattern of the fp16 pair (value, value), as PTX hex."""
+    bits = int(torch.tensor(value, dtype=torch.float16).view(torch.int16)) & 0xFFFF
+    return f"0x{bits:04X}{bits:04X}"
+
+
+# Slot s of a word: (register it is read from, LOP3 mask, fp16 scale, fp16 offset). Slots 0..4 sit in bits 2s, inside
+# fp16's 10 mantissa bits: LOP3 (w & mask) | 0x6400 is 1024 + c * 4**s, and one HFMA2 * 4**-s - (1024 * 4**-s + 1)
+# leaves c - 1 = -1 / 0 / +1, exactly. Slots 5..7 (bits 10..15) are first shifted down by 10 (one SHR a word).
+TERNARY_SLOTS = tuple(("w" if s < 5 else "sh", 0x00030003 << (2 * (s % 5 if s < 5 else s - 5)),
+                       4.0 ** -(s if s < 5 else s - 5), -(1024.0 * 4.0 ** -(s if s < 5 else s - 5) + 1.0))
+                      for s in range(8))
+
+
+def _ternary_word_dot_ptx() -> str:
+    """The PTX of one word: inputs $1 (the word), $2..$5 (four int64 of x), output $0 (fp32 dot product)."""
+    lines = ["{", ".reg .b32 w, sh, q, c, o, a, x0, x1, x2, x3, x4, x5, x6, x7;", ".reg .b16 h0, h1;",
+             ".reg .f32 f0, f1;", "mov.b32 w, $1;", "mov.b64 {x0, x1}, $2;", "mov.b64 {x2, x3}, $3;",
+             "mov.b64 {x4, x5}, $4;", "mov.b64 {x6, x7}, $5;", "shr.b32 sh, w, 10;"]
+    for s, (src, mask, scale, offset) in enumerate(TERNARY_SLOTS):
+        lines += [f"lop3.b32 q, {src}, 0x{mask:08X}, 0x64006400, 0xEA;",
+                  f"mov.b32 c, {_f16_pair(scale)};", f"mov.b32 o, {_f16_pair(offset)};", "fma.rn.f16x2 q, q, c, o;",
+                  "mul.f16x2 a, q, x0;" if s == 0 else f"fma.rn.f16x2 a, q, x{s}, a;"]
+    lines += ["mov.b32 {h0, h1}, a;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;", "add.f32 $0, f0, f1;", "}"]
+    return "\n".join(lines)
+
+
+_TERNARY_WORD_DOT_ASM = tl.constexpr(_ternary_word_dot_ptx())
+
+
+@triton.jit
+def _ternary_words_loads(w_rows, b0, b_end, BLOCKS: tl.constexpr, EVEN: tl.constexpr):
+    """One step's weight loads: [BLOCK_N, BLOCKS, 16] int32 words. With EVEN no load is masked."""
+    blk = b0 + tl.arange(0, BLOCKS)  # (NB,)
+    ptrs = w_rows + (blk * 16)[None, :, None] + tl.arange(0, 16)[None, None, :]  # (BN, NB, 16)
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(blk < b_end)[None, :, None], other=0)
+
+
+@triton.jit
+def _ternary_words_dot(p, x_row, b0, b_end, BLOCKS: tl.constexpr, USE_ASM: tl.constexpr, EVEN: tl.constexpr):
+    """(BN, NB, 16) fp32: for every word, the sum of its sixteen w * x."""
+    blk = b0 + tl.arange(0, BLOCKS)
+    q = (blk * 64)[None, :, None] + tl.arange(0, 16)[None, None, :]  # (1, NB, 16): x64 index of word i's slots 0, 1
+    valid = (blk < b_end)[None, :, None]
+    if USE_ASM:  # four int64 of x a word, each contiguous along i: vector loads, p's shape and layout
+        x64 = x_row.to(tl.pointer_type(tl.int64))
+        if EVEN:
+            x0, x1, x2, x3 = tl.load(x64 + q), tl.load(x64 + q + 16), tl.load(x64 + q + 32), tl.load(x64 + q + 48)
+        else:
+            x0 = tl.load(x64 + q, mask=valid, other=0)
+            x1 = tl.load(x64 + q + 16, mask=valid, other=0)
+            x2 = tl.load(x64 + q + 32, mask=valid, other=0)
+            x3 = tl.load(x64 + q + 48, mask=valid, other=0)
+        return tl.inline_asm_elementwise(_TERNARY_WORD_DOT_ASM, "=r,r,l,l,l,l", [p, x0, x1, x2, x3],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the same sums slot by slot in fp32 (the interpreter; bf16 and fp32 inputs)
+        part = tl.zeros(p.shape, tl.float32)
+        for s in tl.static_range(8):  # slot s: inputs 4 * (q + 16 * (s // 2)) + 2 * (s % 2) and the next one
+            k = 4 * (q + 16 * (s // 2)) + 2 * (s % 2)
+            lo = ((p >> (2 * s)) & 3).to(tl.float32) - 1.0
+            hi = ((p >> (16 + 2 * s)) & 3).to(tl.float32) - 1.0
+            x_lo = tl.load(x_row + k, mask=valid, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + k + 1, mask=valid, other=0.0).to(tl.float32)
+            part += lo * x_lo + hi * x_hi
+        return part
+
+
+@triton.jit
+def _ternary_gemv_words_kernel(
+    x_ptr,  # [M, K] fp16 / bf16 / fp32, unit stride along K (USE_ASM: fp16, rows 8-byte aligned)
+    w_ptr,  # [N, K // 16] int32 words of the words layout, row stride stride_wn (in words)
+    scale_ptr,  # [N] fp32, one scale per output row
+    y_ptr,  # [M, N] x's dtype, or [SPLIT_K, M, N] fp32 partial sums
+    M, N, K,
+    stride_xm, stride_wn, stride_ym, stride_ys,
+    SPLIT_STEPS,  # steps of BLOCKS blocks each split (program_id 2) covers
+    BLOCK_N: tl.constexpr,
+    BLOCKS: tl.constexpr,  # 256-weight blocks of a W row per step (64 bytes each)
+    PREFETCH: tl.constexpr,  # issue the next step's weight loads before this step's arithmetic
+    USE_ASM: tl.constexpr,  # fp16 x on the GPU: one inline-PTX block per word (_TERNARY_WORD_DOT_ASM)
+    EVEN: tl.constexpr,  # every split holds whole steps: no load is masked
+):
+    # One row m of x per program (program_id 1). Rows past N read row N - 1 (never stored): no row masks.
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    rows = tl.minimum(offs_n, N - 1)
+    w_rows = w_ptr + rows[:, None, None] * stride_wn  # (BN, 1, 1)
+    x_row = x_ptr + m * stride_xm + rows[:, None, None] * 0  # (BN, 1, 1), all the same row of x
+    num_blocks = K // 256
+    b_start = tl.program_id(2) * SPLIT_STEPS * BLOCKS
+    b_end = tl.minimum(b_start + SPLIT_STEPS * BLOCKS, num_blocks)
+    acc = tl.zeros((BLOCK_N, BLOCKS, 16), tl.float32)
+    p = _ternary_words_loads(w_rows, b_start, b_end, BLOCKS, EVEN)
+    for b0 in range(b_start, b_end, BLOCKS):
+        b_next = tl.where(b0 + BLOCKS < b_end, b0 + BLOCKS, b_start)  # after the last step: wrap, stay in bounds
+        if PREFETCH:  # the next tile is in flight while this one is unpacked and multiplied
+            p_next = _ternary_words_loads(w_rows, b_next, b_end, BLOCKS, EVEN)
+        acc += _ternary_words_dot(p, x_row, b0, b_end, BLOCKS, USE_ASM, EVEN)
+        if PREFETCH:
+            p = p_next
+        else:
+            p = _ternary_words_loads(w_rows, b_next, b_end, BLOCKS, EVEN)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(scale_ptr + rows)  # (BN,)
+    tl.store(y_ptr + tl.program_id(2) * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty),
+             mask=offs_n < N)
+
+
+_WORDS_KEYS = {"BLOCK_N", "BLOCK_KB", "SPLIT_K", "PREFETCH", "num_warps", "num_stages"}
+
+
+def words_config(m: int, n: int, k: int) -> dict:
+    """Launch settings of :func:`ternary_matmul_words`: 4 rows a program (n / 4 programs), 512 bytes (2048
+    weights) of each row per step, so K = 4096 and 14336 are whole steps. A first guess, to be replaced by the
+    winner of ``python -m labkit.bench quant_matmul --sweep``."""
+    return dict(BLOCK_N=4, BLOCK_KB=512, SPLIT_K=1, PREFETCH=True, num_warps=4)
+
+
+def ternary_matmul_words(x: torch.Tensor, packed: torch.Tensor, scale, config: dict | None = None) -> torch.Tensor:
+    """out = x @ (scale * T)^T with T stored in the words layout (:func:`pack_ternary_words`): a GEMV, one
+    program per (4 rows of W, row of x), for decode (m = 1..4); larger m re-reads the weights once per row of x.
+
+    x: (m, k) fp16/bf16/fp32, k a multiple of 256. Returns (m, n) in x's dtype, accumulated in fp32. fp16 x on
+    the GPU runs one PTX block a word; other dtypes (and the interpreter) the same sums in fp32. ``config``
+    overrides :func:`words_config` (BLOCK_N, BLOCK_KB: bytes of a row per step, a power of two >= 64, SPLIT_K,
+    PREFETCH, num_warps, num_stages).
+    """
+    scale = _check(x, packed, scale, WORDS_BLOCK)
+    m, k = x.shape
+    n = packed.shape[0]
+    cfg = {**words_config(m, n, k), **(config or {})}
+    unknown = set(cfg) - _WORDS_KEYS
+    if unknown:
+        raise ValueError(f"unknown launch settings {sorted(unknown)}; known: {sorted(_WORDS_KEYS)}")
+    block_kb, split_k = cfg["BLOCK_KB"], cfg["SPLIT_K"]
+    if block_kb < 64 or block_kb & (block_kb - 1):
+        raise ValueError(f"BLOCK_KB must be a power of two >= 64 (one block of 256 weights), got {block_kb}")
+    use_asm = x.dtype == torch.float16 and not INTERPRETER
+    if x.stride(1) != 1 or (use_asm and (x.stride(0) % 4 or x.data_ptr() % 8)):
+        x = x.clone(memory_format=torch.contiguous_format)  # read as int64 (four inputs): 8-byte aligned rows
+    packed = packed.contiguous() if packed.data_ptr() % 4 == 0 else packed.clone()
+    words = packed.view(torch.int32)  # (N, K // 16)
+    blocks = block_kb // 64
+    steps = triton.cdiv(triton.cdiv(k // WORDS_BLOCK, blocks), split_k)
+    if split_k == 1:
+        out, stride_ys = torch.empty((1, m, n), dtype=x.dtype, device=x.device), 0
+    else:
+        out, stride_ys = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device), m * n
+    launch = {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg and not INTERPRETER}
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), m, split_k)
+    _ternary_gemv_words_kernel[grid](x, words, scale, out, m, n, k, x.stride(0), words.stride(0), n, stride_ys, steps,
+                                     BLOCK_N=cfg["BLOCK_N"], BLOCKS=blocks, PREFETCH=cfg["PREFETCH"], USE_ASM=use_asm,
+                                     EVEN=steps * split_k * blocks == k // WORDS_BLOCK, **launch)
+    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)

@@ -23,7 +23,8 @@ import shutil
 import torch
 import torch.nn as nn
 
-from kernels.ternary import pack_ternary, ternary_matmul, ternary_matmul_ref, unpack_ternary
+from kernels.ternary import (pack_ternary, pack_ternary_words, ternary_matmul, ternary_matmul_ref,
+                             ternary_matmul_words, ternary_matmul_words_ref, unpack_ternary, unpack_ternary_words)
 from labkit.device import MODE
 
 __all__ = [
@@ -78,29 +79,34 @@ class TernaryLinear(nn.Module):
 
     forward: x (..., in) -> (..., out). ``backend`` "auto" runs the Triton kernel on the GPU and the
     plain-torch reference on the CPU (the interpreter would take minutes over a whole model); "triton"
-    or "torch" force one.
+    or "torch" force one. ``layout`` "bytes" (:func:`pack_ternary`) or "words" (:func:`pack_ternary_words`, the
+    word-at-a-time decode GEMV of kernels/ternary.py v2; in_features a multiple of 256; m > 4 uses the reference).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, granularity: str = "tensor",
-                 backend: str = "auto"):
+                 backend: str = "auto", layout: str = "bytes"):
         super().__init__()
         if in_features % 4:
             raise ValueError(f"in_features = {in_features} must be a multiple of 4 to pack four weights a byte")
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if layout not in ("bytes", "words") or (layout == "words" and in_features % 256):
+            raise ValueError(f"layout must be 'bytes' or 'words' (in_features a multiple of 256), got {layout!r} "
+                             f"with in_features = {in_features}")
         self.in_features, self.out_features = in_features, out_features
-        self.granularity, self.backend = granularity, backend
+        self.granularity, self.backend, self.layout = granularity, backend, layout
         n_scales = 1 if granularity == "tensor" else out_features
         self.register_buffer("packed", torch.zeros(out_features, in_features // 4, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(n_scales, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, granularity: str = "tensor", backend: str = "auto") -> "TernaryLinear":
-        """Ternarise a trained nn.Linear's weight (absmean) and pack it."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity, backend)
+    def from_linear(cls, linear: nn.Linear, granularity: str = "tensor", backend: str = "auto",
+                    layout: str = "bytes") -> "TernaryLinear":
+        """Ternarise a trained nn.Linear's weight (absmean) and pack it in ``layout``."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity, backend, layout)
         t, scale = absmean_ternarise(linear.weight, granularity)
-        layer.packed = pack_ternary(t).to(linear.weight.device)
+        layer.packed = (pack_ternary_words if layout == "words" else pack_ternary)(t).to(linear.weight.device)
         layer.scale = scale.to(linear.weight.device)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone())
@@ -108,7 +114,7 @@ class TernaryLinear(nn.Module):
 
     def dequantised_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """scale * T as a dense (out, in) matrix (for inspection and tests)."""
-        t = unpack_ternary(self.packed, torch.float32)
+        t = (unpack_ternary_words if self.layout == "words" else unpack_ternary)(self.packed, torch.float32)
         scale = self.scale if self.scale.numel() == 1 else self.scale[:, None]
         return (t * scale).to(dtype)
 
@@ -116,14 +122,18 @@ class TernaryLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (m, in)
         use_triton = self.backend == "triton" or (self.backend == "auto" and MODE == "gpu" and x.is_cuda)
-        out = (ternary_matmul if use_triton else ternary_matmul_ref)(x2, self.packed, self.scale)
+        if self.layout == "words":
+            use_triton = use_triton and x2.shape[0] <= 4  # a decode GEMV: it would re-read W for every row of x
+            out = (ternary_matmul_words if use_triton else ternary_matmul_words_ref)(x2, self.packed, self.scale)
+        else:
+            out = (ternary_matmul if use_triton else ternary_matmul_ref)(x2, self.packed, self.scale)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"granularity={self.granularity}, bias={self.bias is not None}")
+                f"granularity={self.granularity}, bias={self.bias is not None}, layout={self.layout}")
 
 
 def _decoder_linears(model: nn.Module):

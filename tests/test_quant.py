@@ -10,8 +10,10 @@ import torch
 import torch.nn as nn
 
 import labkit
-from kernels.quant_matmul import (default_config, int4_fmin_matmul, int4_fmin_matmul_ref, int4_matmul, int4_matmul_ref,
-                                  int8_matmul, int8_matmul_ref, pack_int4, unpack_int4)
+from kernels.ptx_sim import run_ptx
+from kernels.quant_matmul import (_INT8_WORD_DOT_ASM, default_config, int4_fmin_matmul, int4_fmin_matmul_ref,
+                                  int4_matmul, int4_matmul_ref, int8_matmul, int8_matmul_ref, pack_int4,
+                                  unpack_int4)
 from kernels.quant_matmul_small_m import int4_small_m_matmul
 from labkit.quant import (SCHEMES, QuantLinear, dequantize, group_scale_zero, linear_bytes,
                           load_quantized_state_dict, quantize_model, quantize_state_dict, quantize_tensor)
@@ -181,6 +183,64 @@ def test_int8_kernels_match_reference(dtype, m, n, k):
         out = int8_matmul(x, qweight, scales, config=cfg)
         assert out.shape == (m, n) and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], f"{cfg}: {rel_err(out, ref):.2e}"
+
+
+def words(**kw):
+    return {**dict(path="gemv", WORDS=True, BLOCK_N=4, PREFETCH=True, num_warps=1), **kw}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 5, 64), (1, 7, 36), (2, 3, 256)])
+def test_int8_word_gemv_matches_reference(dtype, m, n, k):
+    # odd n (rows past n are clamped, not masked), k = 36: a masked last step, k = 64 / 256: whole steps only
+    gen = torch.Generator().manual_seed(3 * m + n + k)
+    qweight = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8).to(DEVICE)
+    scales = (torch.rand(n, generator=gen) + 0.5).to(DEVICE)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    ref = int8_matmul_ref(x, qweight, scales)
+    for cfg in (words(BLOCK_K=16), words(BLOCK_K=64, PREFETCH=False), words(BLOCK_K=16, BLOCK_N=2, SPLIT_K=2), None):
+        out = int8_matmul(x, qweight, scales, config=cfg)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], f"{cfg}: {rel_err(out, ref):.2e}"
+
+
+def test_int8_word_asm_is_exact_up_to_fp16_rounding():
+    # The PTX block itself, simulated bit for bit on the CPU: every byte value -128..127 in every byte position.
+    q = torch.arange(-128, 128, dtype=torch.int8)
+    q = torch.stack([q.roll(17 * b) for b in range(4)], dim=1).numpy()  # (256, 4): word i's four weights
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0)).half().numpy()
+    out = run_ptx(_INT8_WORD_DOT_ASM.value, [q.view("uint32")[:, 0], x.view("uint64")[:, 0]])[0]
+    exact = (q.astype("float64") / 128 * x.astype("float64")).sum(1)  # the block returns sum(q * x) / 128
+    bound = 2.0 ** -10 * (abs(q.astype("float64")) / 128 * abs(x.astype("float64"))).sum(1)  # a few fp16 roundings
+    assert (abs(out - exact) <= bound + 1e-7).all()
+
+
+def test_int8_words_needs_whole_words():
+    x, qweight, scales = torch.randn(1, 38), torch.ones(4, 38, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        int8_matmul(x.to(DEVICE), qweight.to(DEVICE), scales.to(DEVICE), config=words(BLOCK_K=16))
+    with pytest.raises(ValueError, match="power of two"):
+        int8_matmul(x[:, :36].to(DEVICE), qweight[:, :36].to(DEVICE), scales.to(DEVICE), config=words(BLOCK_K=24))
+    # the default falls back to the fp32 GEMV where words do not fit
+    assert rel_err(int8_matmul(x.half().to(DEVICE), qweight.to(DEVICE), scales.to(DEVICE)),
+                   int8_matmul_ref(x.half().to(DEVICE), qweight.to(DEVICE), scales.to(DEVICE))) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (14335, 4096)])
+def test_int8_word_gemv_on_llama_shapes(n, k):
+    # the inline-PTX path against the fp32 reference; x * 300 stays inside the documented fp16 bound (|x| < 32,000)
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()
+    qt = quantize_tensor(w, "int8")
+    for x_scale in (1.0, 300.0):
+        x = (torch.randn(1, k, device="cuda", generator=gen) * x_scale).half()
+        ref = x.float() @ dequantize(qt, torch.float32).T
+        for cfg in (None, words(BLOCK_K=1024, num_warps=4), words(BLOCK_K=512, num_warps=2, SPLIT_K=2),
+                    words(BLOCK_K=256, BLOCK_N=8, PREFETCH=False, num_warps=2)):
+            out = int8_matmul(x, qt.qweight, qt.scales, config=cfg)
+            assert rel_err(out, ref) < TOL[torch.float16], (x_scale, cfg)
 
 
 def test_int4_word_gemv_unpacks_every_nibble_in_place():

@@ -12,7 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import labkit
-from kernels.ternary import pack_ternary, ternary_matmul, ternary_matmul_ref, unpack_ternary
+import numpy as np
+
+from kernels.ptx_sim import run_ptx
+from kernels.ternary import (_TERNARY_WORD_DOT_ASM, pack_ternary, pack_ternary_words, ternary_matmul,
+                             ternary_matmul_ref, ternary_matmul_words, ternary_matmul_words_ref, unpack_ternary,
+                             unpack_ternary_words)
 from labkit.config import LlamaConfig
 from labkit.model import LlamaForCausalLM
 from labkit.qat import QATLinear, finish_qat, prepare_qat, train_qat
@@ -139,6 +144,89 @@ def test_gpu_llama_shapes(m, n, k, dtype):
     out = ternary_matmul(x, packed, scale)
     ref = x.double() @ t.double().cuda().T * scale.double()
     assert rel_err(out, ref) < TOL[dtype]
+
+
+# --- v2: the words layout and its GEMV ------------------------------------------------------------
+def _word(packed: torch.Tensor, row: int, i: int) -> int:
+    return int.from_bytes(bytes(packed[row, 4 * i: 4 * i + 4].tolist()), "little")
+
+
+def test_words_layout_matches_the_docstring_and_round_trips():
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(-1, 2, (3, 512), generator=gen, dtype=torch.int8)
+    packed = pack_ternary_words(t)
+    assert packed.shape == (3, 128) and torch.equal(unpack_ternary_words(packed), t)
+    for blk, i in ((0, 0), (0, 5), (1, 15)):  # word i of block b: slot s = 2j + h <-> x64[64b + i + 16j], pair h
+        w = _word(packed, 2, 16 * blk + i)
+        for s in range(8):
+            k = 4 * (64 * blk + i + 16 * (s // 2)) + 2 * (s % 2)
+            assert ((w >> 2 * s) & 3) - 1 == int(t[2, k]) and ((w >> 16 + 2 * s) & 3) - 1 == int(t[2, k + 1])
+    with pytest.raises(ValueError, match="multiple of 256"):
+        pack_ternary_words(torch.zeros(2, 128))
+    with pytest.raises(ValueError, match=r"-1, 0, \+1"):
+        pack_ternary_words(torch.full((2, 256), 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else []), ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 5, 256), (1, 7, 768), (2, 3, 512)])
+def test_words_kernel_matches_reference(m, n, k, dtype):
+    # odd n (rows past n clamped), k = 768: three blocks, so steps of 2 leave a masked tail; whole steps otherwise
+    gen = torch.Generator().manual_seed(m + n + k)
+    t = torch.randint(-1, 2, (n, k), generator=gen)
+    packed = pack_ternary_words(t).to(DEVICE)
+    scale = (torch.rand(n, generator=gen) + 0.5).to(DEVICE)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    exact = x.double() @ t.double().to(DEVICE).T * scale.double()
+    assert rel_err(ternary_matmul_words_ref(x, packed, scale), exact) < TOL[dtype]
+    for cfg in (None, dict(BLOCK_KB=64, PREFETCH=False), dict(BLOCK_N=2, BLOCK_KB=128, SPLIT_K=2, num_warps=1)):
+        out = ternary_matmul_words(x, packed, scale, cfg)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert rel_err(out, exact) < TOL[dtype], f"{cfg}: {rel_err(out, exact):.2e}"
+
+
+def test_ternary_word_asm_in_the_simulator():
+    # The PTX block itself, bit for bit on the CPU: 64 rows of one 256-weight block, every code in every slot.
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randint(-1, 2, (64, 256), generator=gen)
+    words = pack_ternary_words(t).numpy().view("uint32")  # (64, 16)
+    x = torch.randn(256, generator=gen).half().numpy()
+    x64 = x.view("uint64")  # (64,): four inputs each
+    total = np.zeros(64)
+    for i in range(16):
+        xs = [np.broadcast_to(x64[i + 16 * j], (64,)) for j in range(4)]
+        total += run_ptx(_TERNARY_WORD_DOT_ASM.value, [words[:, i], *xs])[0]
+    exact = t.double().numpy() @ x.astype("float64")
+    bound = 2.0 ** -10 * 8 * np.abs(x.astype("float64")).sum()  # products exact; fp16 sums of 8 per lane
+    assert (abs(total - exact) <= bound).all() and abs(total - exact).max() > 0  # (fp16 sums do round)
+
+
+def test_ternary_linear_words_layout_matches_bytes_layout():
+    torch.manual_seed(4)
+    lin = nn.Linear(256, 24, bias=True)
+    a = TernaryLinear.from_linear(lin, "row", backend="torch")
+    b = TernaryLinear.from_linear(lin, "row", backend="triton", layout="words").to(DEVICE)
+    assert torch.equal(a.dequantised_weight(), b.dequantised_weight().cpu())
+    x = torch.randn(1, 2, 256)
+    assert torch.allclose(a(x), b(x.to(DEVICE)).cpu(), atol=1e-4)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        TernaryLinear(128, 8, layout="words")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="Llama-sized shapes need a GPU")
+@pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4095, 14336)])
+def test_gpu_words_kernel_llama_shapes(n, k):
+    # the inline-PTX path (fp16) against float64; x * 100 stays inside the documented fp16 bound (|x| < 8,000)
+    gen = torch.Generator().manual_seed(n + k)
+    t = torch.randint(-1, 2, (n, k), generator=gen)
+    scale = (torch.rand(n, generator=gen) * 0.02 + 0.01).cuda()
+    packed = pack_ternary_words(t).cuda()
+    for x_scale in (1.0, 100.0):
+        x = (torch.randn(1, k, generator=gen) * x_scale).half().cuda()
+        ref = x.double() @ t.double().cuda().T * scale.double()
+        for cfg in (None, dict(BLOCK_KB=256, num_warps=2), dict(BLOCK_N=8, BLOCK_KB=1024, SPLIT_K=2),
+                    dict(BLOCK_KB=512, PREFETCH=False, num_warps=2)):
+            assert rel_err(ternary_matmul_words(x, packed, scale, cfg), ref) < TOL[torch.float16], (x_scale, cfg)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -10,13 +10,15 @@ and the kernels drift toward compute; by m = 64 dequantisation work, not bytes, 
             fp16_cublas              torch F.linear, fp16 weights
             tinygemm_int4_g64/g128   torch._weight_int4pack_mm (bf16 activations, its own packing)
             torch_int8               torch._weight_int8pack_mm
-            labkit_int8              kernels.quant_matmul.int8_matmul
+            labkit_int8              kernels.quant_matmul.int8_matmul, the fp32 GEMV (m = 1) / tl.dot
+            labkit_int8_words        the same, int8 read as int32 words, one PTX block a word (m = 1 only)
             labkit_int4_g32/64/128   kernels.quant_matmul.int4_matmul (its default path per m, and the sweep)
             labkit_int4_g128_VARIANT one int4 kernel alone, next to the simpler one it improves on:
                                      small_m (swap-AB tl.dot, m 2-16) vs gemm (the tl.dot GEMM, m >= 2);
                                      prefetch2 (two steps of loads in flight) and stages (tl.range's
                                      pipeliner) vs the WORDS GEMV's one-step prefetch (m = 1)
             labkit_ternary           kernels.ternary.ternary_matmul (if present)
+            labkit_ternary_words     kernels.ternary.ternary_matmul_words, the words layout (m = 1 only)
 
 Every implementation is first checked against a float matmul with its own dequantised weight
 (``rel_err`` in the rows). Timing is ``record.time_ms`` of a CUDA-graph replay (``record.graphed``),
@@ -31,13 +33,16 @@ plus x and y, over the median time.
 
 Run on a GPU machine: ``python -m labkit.bench quant_matmul --sweep`` -> data/bench/quant_matmul.json.
 A few rows on their own: ``--impls fp16_cublas,labkit_int4_g128,labkit_int4_g128_small_m --batches 1,4,16``.
+``--impls a,b,...`` times only those (fp16_cublas is the baseline of the summary); ``--sass`` first prints, for
+every candidate config of the selected labkit GEMVs at m = 1, the SASS instructions of the kernel's main loop
+per weight a thread handles in one iteration (``sass`` in the output).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.quant_matmul import default_config, int4_matmul, int8_matmul
+from kernels.quant_matmul import INT8_GEMV_CONFIG, default_config, int4_matmul, int8_matmul
 from labkit.bench import record
 from labkit.quant import dequantize, quantize_tensor
 
@@ -57,6 +62,12 @@ _GEMV = [(8, 256, 4, True), (8, 256, 4, False), (4, 256, 2, True), (16, 256, 4, 
          (16, 128, 2, True), (4, 512, 4, True), (32, 256, 8, True)]
 _WORDS = [(4, 1024, 2, 1), (4, 512, 2, 1), (8, 512, 2, 1), (2, 1024, 1, 1), (4, 1024, 4, 1), (8, 1024, 4, 1),
           (4, 2048, 4, 1), (8, 256, 1, 1), (4, 1024, 2, 2), (4, 512, 1, 2)]
+# int8 WORDS and ternary words (m = 1): (BLOCK_N, bytes of a W row per step, warps, SPLIT_K)
+_INT8_WORDS = [(4, 1024, 4, 1), (4, 1024, 2, 1), (4, 512, 2, 1), (8, 512, 4, 1), (2, 1024, 2, 1), (4, 2048, 4, 1),
+               (8, 1024, 4, 1), (4, 512, 1, 2)]
+_TERNARY_WORDS = [(4, 512, 4, 1), (4, 512, 2, 1), (4, 256, 2, 1), (8, 512, 4, 1), (2, 512, 2, 1), (4, 1024, 4, 1),
+                  (8, 256, 2, 1), (4, 256, 1, 2)]
+WORDS_KINDS = ("int8_words", "ternary_words")  # decode kernels: timed at m = 1 only
 _GEMM = {1: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 16, 2, 2, 4), (16, 32, 4, 4, 3),
              (16, 64, 1, 4, 5), (16, 128, 1, 4, 4)],
          16: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 3)],
@@ -104,12 +115,39 @@ def _int4_name(name: str) -> tuple[int, str | None]:
     return int(group), variant or None
 
 
+def _default(kind: str, m: int, n: int, k: int, group: int | None = None) -> dict:
+    """The config an implementation runs without --sweep: labkit_int8 keeps the fp32 GEMV at m = 1, so that
+    labkit_int8_words (int8_matmul's default there) has its predecessor beside it."""
+    if kind == "int8" and m <= 1:
+        return dict(INT8_GEMV_CONFIG)
+    if kind == "int8_words":
+        return default_config("int8", m, n, k)
+    if kind == "ternary_words":
+        from kernels.ternary import words_config
+
+        return words_config(m, n, k)
+    return default_config(kind, m, n, k, group)
+
+
+def _words_candidates(kind: str, m: int, n: int, k: int) -> list[dict]:
+    cands = [_default(kind, m, n, k)]
+    for bn, nbytes, warps, split_k in (_INT8_WORDS if kind == "int8_words" else _TERNARY_WORDS):
+        if kind == "int8_words":
+            cfg = dict(path="gemv", WORDS=True, BLOCK_N=bn, BLOCK_K=nbytes, PREFETCH=True, num_warps=warps)
+        else:
+            cfg = dict(BLOCK_N=bn, BLOCK_KB=nbytes, SPLIT_K=1, PREFETCH=True, num_warps=warps)
+        cands.append({**cfg, "SPLIT_K": split_k} if split_k > 1 or kind == "ternary_words" else cfg)
+    return [c for i, c in enumerate(cands) if c not in cands[:i]]
+
+
 def candidate_configs(kind: str, m: int, n: int, k: int, group: int | None = None,
                       variant: str | None = None) -> list[dict]:
     """The default config first, then the sweep's candidates for this batch size (``variant``: one int4 kernel's)."""
+    if kind in WORDS_KINDS:
+        return _words_candidates(kind, m, n, k)
     if variant is not None:
         return _variant_configs(variant, m, n, k, group)
-    cands = [default_config(kind, m, n, k, group)]
+    cands = [_default(kind, m, n, k, group)]
     if m <= 4:
         for bn, nbytes, warps, prefetch in _GEMV:
             cfg = dict(path="gemv", BLOCK_N=bn, MAGIC=True, PREFETCH=prefetch, num_warps=warps)
@@ -163,6 +201,8 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="only the first shape (a smoke test)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile the sweep's kernels in this many processes first (Triton's disk cache keeps them)")
+    parser.add_argument("--sass", action="store_true",
+                        help="print SASS instructions a weight in the main loop of every labkit GEMV candidate")
 
 
 def _warm(task) -> int:
@@ -172,6 +212,8 @@ def _warm(task) -> int:
     w = (torch.randn(n, k, device="cuda") * 0.02).half()
     kind, _, fn, _ = _implementations(w, only=name)[name]
     group, variant = _int4_name(name) if kind == "int4" else (None, None)
+    if kind in WORDS_KINDS and m != 1:
+        return 0
     x = torch.randn(m, k, device="cuda").half()
     failures = 0
     for cfg in candidate_configs(kind, m, n, k, group, variant):
@@ -186,7 +228,8 @@ def _warm(task) -> int:
 def _precompile(batches, jobs: int, impls: list[str] | None = None) -> None:
     import multiprocessing as mp
 
-    names = ["labkit_int8"] + [f"labkit_int4_g{g}" for g in GROUPS] + [f"labkit_int4_g128_{v}" for v in INT4_VARIANTS]
+    names = (["labkit_int8", "labkit_int8_words", "labkit_ternary_words"] + [f"labkit_int4_g{g}" for g in GROUPS]
+             + [f"labkit_int4_g128_{v}" for v in INT4_VARIANTS])
     names = [name for name in names if impls is None or name in impls]
     tasks = [(name, m, SHAPES[0]) for m in batches for name in names]
     with mp.get_context("spawn").Pool(jobs) as pool:
@@ -196,9 +239,12 @@ def _precompile(batches, jobs: int, impls: list[str] | None = None) -> None:
 def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
     """name -> (kind, stored bytes, callable(x, config) -> y, dequantised weight). ``only``: labkit kernels, one name."""
     if only is not None:
-        if only == "labkit_int8":
+        if only in ("labkit_int8", "labkit_int8_words"):
             qt = quantize_tensor(w, "int8")
-            return {only: ("int8", qt.nbytes, lambda x, c: int8_matmul(x, qt.qweight, qt.scales, config=c), None)}
+            return {only: (only[len("labkit_"):], qt.nbytes,
+                           lambda x, c: int8_matmul(x, qt.qweight, qt.scales, config=c), None)}
+        if only == "labkit_ternary_words":
+            return {only: _ternary_words_impl(w)[:3] + (None,)}
         qt = quantize_tensor(w, f"int4_g{_int4_name(only)[0]}")
         return {only: ("int4", qt.nbytes, lambda x, c: int4_matmul(x, qt.qweight, qt.scales, qt.zeros,
                                                                    qt.scheme.group_size, config=c), None)}
@@ -220,6 +266,7 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
         print(f"torch_int8: unavailable ({str(e)[:200]})")
     impls["labkit_int8"] = ("int8", qt8.nbytes, lambda x, c: int8_matmul(x, qt8.qweight, qt8.scales, config=c),
                             dequantize(qt8, torch.float32))
+    impls["labkit_int8_words"] = ("int8_words",) + impls["labkit_int8"][1:]
     for group in GROUPS:
         qt = quantize_tensor(w, f"int4_g{group}")
         impls[f"labkit_int4_g{group}"] = (
@@ -237,9 +284,85 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
         scale = scale.to(w.device)
         impls["labkit_ternary"] = ("dense", packed.numel() + scale.numel() * 4,
                                    lambda x, c: ternary_matmul(x, packed, scale), t.float() * scale[:, None])
+        impls["labkit_ternary_words"] = _ternary_words_impl(w)
     except ImportError as e:
         print(f"labkit_ternary: kernels/ternary.py not importable ({e})")
     return impls
+
+
+def _ternary_words_impl(w: torch.Tensor):
+    """(kind, stored bytes, callable(x, config), dequantised weight) of the v2 ternary GEMV (words layout)."""
+    from kernels.ternary import pack_ternary_words, ternary_matmul_words
+    from labkit.ternary import absmean_ternarise
+
+    t, scale = absmean_ternarise(w, "row")
+    packed, scale = pack_ternary_words(t), scale.to(w.device)
+    return ("ternary_words", packed.numel() + scale.numel() * 4,
+            lambda x, c: ternary_matmul_words(x, packed, scale, c), t.float() * scale[:, None])
+
+
+# ----------------------------------------------------------------------------- SASS instructions per weight
+def _word_kernels() -> dict:
+    """kind -> (the Triton kernel its GEMV runs, weights one program handles per loop iteration given a config)."""
+    from kernels import quant_matmul as qm
+    from kernels import ternary
+
+    return {"int8": (qm._int8_gemv_kernel, lambda c, g: c["BLOCK_N"] * c["BLOCK_K"]),
+            "int8_words": (qm._int8_gemv_words_kernel, lambda c, g: c["BLOCK_N"] * c["BLOCK_K"]),
+            "ternary_words": (ternary._ternary_gemv_words_kernel, lambda c, g: c["BLOCK_N"] * c["BLOCK_KB"] * 4),
+            "int4": (qm._int4_gemv_words_kernel, lambda c, g: c["BLOCK_N"] * c["GROUPS"] * g)}
+
+
+def sass_loop_count(sass: str) -> tuple[int, int]:
+    """(instructions in the largest loop body, instructions in the kernel) of SASS text as nvdisasm prints it:
+    a loop is a label followed later by a branch back to it."""
+    import re
+
+    items, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(items)
+        elif re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line):
+            items.append(line)
+    body = 0
+    for j, line in enumerate(items):
+        target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if target and labels.get(target.group(1), j + 1) <= j:
+            body = max(body, j - labels[target.group(1)] + 1)
+    return body, len(items)
+
+
+def sass_profile(impls: dict, n: int, k: int) -> list[dict]:
+    """Compile every m = 1 GEMV candidate of the selected labkit implementations and count its loop's SASS."""
+    rows, kernels = [], _word_kernels()
+    x = torch.randn(1, k, device="cuda").half()
+    for name, (kind, _, fn, _) in impls.items():
+        if kind not in kernels:
+            continue
+        group, variant = _int4_name(name) if kind == "int4" else (None, None)
+        jit_fn, weights = kernels[kind]
+        for cfg in candidate_configs(kind, 1, n, k, group, variant):
+            if cfg.get("path", "gemv") != "gemv" or (kind == "int4" and not cfg.get("WORDS")):
+                continue
+            before = {id(c) for cache in jit_fn.device_caches.values() for c in cache[0].values()}
+            fn(x, cfg)
+            new = [c for cache in jit_fn.device_caches.values() for c in cache[0].values() if id(c) not in before]
+            if not new:
+                print(f"sass {name} {cfg}: compiled earlier in this process, not counted")
+                continue
+            try:
+                loop, total = sass_loop_count(new[-1].asm["sass"])
+            except Exception as e:  # nvdisasm missing, or an older Triton without asm["sass"]
+                print(f"sass {name}: no SASS ({str(e)[:120]})")
+                return rows
+            per_thread = weights(cfg, group) / (32 * cfg.get("num_warps", 4))
+            rows.append({"impl": name, "n": n, "k": k, "config": cfg, "loop_instructions": loop,
+                         "kernel_instructions": total, "weights_per_thread_iteration": per_thread,
+                         "instructions_per_weight": loop / per_thread if loop else None})
+            print(f"sass {name:22s} {loop:4d} instr / {per_thread:5.0f} weights = "
+                  f"{(loop / per_thread if loop else float('nan')):.2f} a weight  {cfg}", flush=True)
+    return rows
 
 
 def graph_ms(fn, **kwargs) -> tuple[float, str]:
@@ -259,7 +382,7 @@ def run(args) -> dict:
         raise SystemExit("quant_matmul times GPU kernels; on the CPU replot data/bench/quant_matmul.json")
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows, sweep = [], []
+    rows, sweep, sass = [], [], []
     shapes = SHAPES[:1] if args.quick else SHAPES
     args.batches = [int(b) for part in args.batches for b in str(part).split(",") if b]
     only = args.impls.split(",") if getattr(args, "impls", None) else None  # notebook 08 passes a Namespace without it
@@ -277,12 +400,16 @@ def run(args) -> dict:
             if unknown:
                 raise SystemExit(f"--impls: unknown {unknown}; the rows are {sorted(impls)}")
             impls = {name: impl for name, impl in impls.items() if name in only}
+        if getattr(args, "sass", False) and (n, k) == shapes[-1]:
+            sass += sass_profile(impls, n, k)
         for m in args.batches:
             x = torch.randn(m, k, device="cuda", generator=gen).half()
             for name, (kind, wbytes, fn, deq) in impls.items():
+                if kind in WORDS_KINDS and m != 1:
+                    continue
                 ref = x.float() @ deq.T
                 cands = [None]
-                if kind in ("int8", "int4"):
+                if kind in ("int8", "int4") + WORDS_KINDS:
                     group, variant = _int4_name(name) if kind == "int4" else (None, None)
                     cands = candidate_configs(kind, m, n, k, group, variant)
                     cands = cands if args.sweep else cands[:1]
@@ -318,7 +445,7 @@ def run(args) -> dict:
         print(line)
     return {"shapes": {"nk": [list(s) for s in shapes], "batches": list(args.batches), "dtype": "float16",
                        "activations": "fp16 (tinygemm: bf16)", "timing": "CUDA-graph replay, do_bench median, L2 cleared before every call"},
-            "copy_gbps": record.copy_bandwidth_gbps(), "rows": rows, "sweep": sweep}
+            "copy_gbps": record.copy_bandwidth_gbps(), "rows": rows, "sweep": sweep, **({"sass": sass} if sass else {})}
 
 
 def speedups(rows: list[dict], m: int = 1, baseline: str = "fp16_cublas") -> dict[tuple[int, int], dict[str, float]]:
