@@ -26,6 +26,8 @@ Quantised linears (labkit.quant) and MoE routing are left as they are: this mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import random
 
 import torch
 import torch.nn as nn
@@ -38,8 +40,9 @@ from kernels.batch_invariant import KV_SPLIT
 SIMD_PAD = 64
 
 
-def kv_split_size() -> int:
-    """Keys per attention tile. A constant: a split that depended on the batch would undo the whole mode."""
+def kv_split_size(num_tokens: int) -> int:
+    """Keys per attention tile for a step of ``num_tokens`` packed queries: KV_SPLIT whatever the step. A split
+    chosen from the step's shape (as the default decode kernels choose theirs) would undo the whole mode."""
     return KV_SPLIT
 
 
@@ -87,7 +90,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, m
     (GPU or interpreter); else the same algorithm in torch (:func:`paged_attention_torch`)."""
     if use_kernels:
         return invariant_kernels.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                                 max_query_len, scale=scale, kv_split=kv_split_size())
+                                                 max_query_len, scale=scale, kv_split=kv_split_size(q.shape[0]))
     return paged_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)
 
 
@@ -100,7 +103,7 @@ def paged_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_l
     N, Hq, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = Hq // Hkv
-    T = kv_split_size()
+    T = kv_split_size(N)
     scale = D ** -0.5 if scale is None else scale
     dev = q.device
     cu, lens = cu_seqlens_q.long(), seq_lens.long()
@@ -176,3 +179,84 @@ def batch_invariant_mode(model: nn.Module):
     finally:
         for module in patched:
             del module.forward
+
+
+# ---- the experiment: one request alone, then among others ---------------------------------------
+@dataclasses.dataclass
+class Completion:
+    """What the target request got: its greedy tokens and the logits each one was chosen from."""
+
+    tokens: list[int]
+    logits: torch.Tensor  # (num_tokens, vocab) float32 on the CPU
+
+
+def make_engine(model, *, batch_invariant: bool, max_num_batched_tokens: int = 2048, num_blocks: int = 256,
+                block_size: int = 16, max_num_seqs: int = 64):
+    """An engine for the experiment (no EOS: every request runs its max_tokens)."""
+    from labkit.engine import EngineConfig, LLMEngine
+
+    cfg = EngineConfig(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens, batch_invariant=batch_invariant)
+    return LLMEngine(model, cfg, eos_token_ids=())
+
+
+def complete(engine, target: list[int], others=(), max_tokens: int = 16) -> Completion:
+    """Run ``target`` greedily on ``engine`` with ``others``: (prompt, join_step) pairs, join_step < 0 queued
+    before the target, else added after it once ``join_step`` steps have run. Others still running when the
+    target finishes are aborted; every request is forgotten afterwards, so one engine serves many trials."""
+    from labkit.sampling import SamplingParams
+
+    def params():
+        return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+    rows: list[torch.Tensor] = []
+    added = [engine.add_request(p, params()) for p, step in others if step < 0]
+    seq = engine.add_request(list(target), params())
+    later = sorted((step, i) for i, (p, step) in enumerate(others) if step >= 0)
+
+    def keep(seqs, logits):
+        for i, s in enumerate(seqs):
+            if s is seq:
+                rows.append(logits[i].float().cpu())
+
+    engine.runner.on_logits = keep
+    try:
+        steps = 0
+        while not seq.is_finished:
+            while later and later[0][0] <= steps:
+                added.append(engine.add_request(others[later.pop(0)[1]][0], params()))
+            engine.step()
+            steps += 1
+    finally:
+        engine.runner.on_logits = None
+    for s in added:
+        engine.abort(s.seq_id)
+    for s in added + [seq]:
+        engine.forget(s.seq_id)
+    return Completion(list(seq.output_token_ids), torch.stack(rows))
+
+
+def random_others(rng: random.Random, vocab: int, count: int, max_len: int, max_join: int) -> list:
+    """``count`` random prompts of random lengths 1..max_len, each queued before the target or joining later."""
+    return [([rng.randrange(vocab) for _ in range(rng.randint(1, max_len))], rng.randint(-1, max_join))
+            for _ in range(count)]
+
+
+def compare(alone: Completion, runs: list[Completion]) -> dict:
+    """How far the runs stray from the alone run: distinct completions (alone's included), the first token
+    position where any differs (None: none does), the largest |logit difference| and how many runs had
+    bitwise-identical logits."""
+    texts = {tuple(alone.tokens)} | {tuple(r.tokens) for r in runs}
+    firsts = [first_divergence(alone.tokens, r.tokens) for r in runs]
+    # logits are compared up to the first divergence: after it they condition on a different text
+    diffs = [(r.logits[:n + 1] - alone.logits[:n + 1]).abs().max().item()
+             for r, n in zip(runs, (len(r.tokens) if f is None else f for r, f in zip(runs, firsts)))]
+    return {"runs": len(runs), "distinct_completions": len(texts),
+            "first_divergent_token": min((f for f in firsts if f is not None), default=None),
+            "max_abs_logit_diff": max(diffs, default=0.0),
+            "bitwise_identical_runs": sum(torch.equal(r.logits, alone.logits) for r in runs)}
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (None: they agree)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
