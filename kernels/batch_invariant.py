@@ -262,7 +262,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, m
     the grid's second axis, so the launch never reads a length back and can sit in a CUDA graph)."""
     _check_attention_inputs(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)
     if isinstance(max_query_len, bool) or not isinstance(max_query_len, int) or max_query_len < 1:
-        raise ValueError(f"max_query_len must be an integer >= 1 (the longest run of new tokens), got {max_query_len!r}")
+        raise ValueError(f"max_query_len must be an integer >= 1 (the longest run of new tokens), "
+                         f"got {max_query_len!r}")
     if kv_split < 16 or kv_split & (kv_split - 1):
         raise ValueError(f"kv_split must be a power of two >= 16, got {kv_split}")
     N, Hq, D = q.shape

@@ -17,7 +17,7 @@ def invariance_figure(result: dict, dtype: str | None = None):
     fig = make_subplots(rows=1, cols=3, subplot_titles=("distinct completions", "max |logit - alone|",
                                                         "decode tokens/s"))
     for mode, colour in zip(MODES, ("#d62728", "#2ca02c")):
-        runs = [r for r in rows if r["mode"] == mode and r["experiment"] != "decode"]
+        runs = [r for r in rows if r["mode"] == mode and r["experiment"] in ("co-batched", "chunked")]
         names = [r["experiment"] for r in runs]
         fig.add_bar(x=names, y=[r["distinct_completions"] for r in runs], name=mode, marker_color=colour,
                     legendgroup=mode, row=1, col=1)

@@ -141,3 +141,16 @@ def test_kernels_refuse_bad_input():
         bik.matmul(torch.randn(2, 8), torch.randn(4, 6))
     with pytest.raises(ValueError, match="max_query_len"):
         bik.paged_attention(*attention_inputs(torch.float32), max_query_len=0)
+
+
+def test_the_figure_draws_a_quick_recording():
+    from labkit.batch_invariant_figures import invariance_figure
+
+    summary = dict(runs=2, distinct_completions=1, first_divergent_token=None, max_abs_logit_diff=0.0,
+                   bitwise_identical_runs=2)
+    rows = [dict(dtype="torch.float32", mode=m, experiment=e, **summary) for m in ("default", "batch_invariant")
+            for e in ("co-batched", "chunked")]
+    rows += [dict(dtype="torch.float32", mode=m, experiment="decode", batch=b, decode_tok_s=10.0 * b)
+             for m in ("default", "batch_invariant") for b in (1, 8)]
+    fig = invariance_figure({"rows": rows, "shapes": {"model": "tiny"}})
+    assert len(fig.data) == 6 and list(fig.data[5].y) == [10.0, 80.0]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from labkit import batch_invariant as bi
+from labkit.bench.engine import free_gpu_memory, kv_blocks_for, make_model
 
 
 def add_arguments(parser) -> None:
@@ -38,7 +39,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
 
 
-def experiment(model, args, batch_invariant: bool, num_blocks: int) -> list[dict]:
+def experiment(model, args, batch_invariant: bool, num_blocks: int):
+    """(the alone completion, a summary row for co-batched and one for chunked)."""
     rng = random.Random(0)
     vocab = model.config.vocab_size
     target = [rng.randrange(vocab) for _ in range(args.prompt_len)]
@@ -48,6 +50,7 @@ def experiment(model, args, batch_invariant: bool, num_blocks: int) -> list[dict
                                                             args.max_other_len, args.max_tokens // 2),
                            args.max_tokens) for _ in range(args.trials)]
     del engine
+    free_gpu_memory()  # one engine's KV pool at a time
     chunked = []
     for chunk in [int(c) for c in args.chunks.split(",")]:
         engine = bi.make_engine(model, batch_invariant=batch_invariant, num_blocks=num_blocks,
@@ -55,8 +58,9 @@ def experiment(model, args, batch_invariant: bool, num_blocks: int) -> list[dict
         others = bi.random_others(rng, vocab, 3, args.max_other_len, 4)
         chunked.append(bi.complete(engine, target, others, args.max_tokens))
         del engine
+        free_gpu_memory()
     mode = "batch_invariant" if batch_invariant else "default"
-    return [{"mode": mode, "experiment": "co-batched", **bi.compare(alone, batched)},
+    return alone, [{"mode": mode, "experiment": "co-batched", **bi.compare(alone, batched)},
             {"mode": mode, "experiment": "chunked", "chunks": args.chunks, **bi.compare(alone, chunked)}]
 
 
@@ -76,14 +80,14 @@ def decode_speed(model, args, batch_invariant: bool, batch: int, device) -> dict
     engine.run()
     decode = [h for h in engine.history if h.num_prefill_tokens == 0 and h.num_decode_tokens == batch]
     seconds = [h.seconds for h in decode]
+    del engine
+    free_gpu_memory()
     return {"mode": "batch_invariant" if batch_invariant else "default", "experiment": "decode", "batch": batch,
             "decode_steps": len(decode), "step_ms_p50": float(np.median(seconds)) * 1e3,
             "decode_tok_s": batch * len(decode) / sum(seconds)}
 
 
 def run(args) -> dict:
-    from labkit.bench.engine import kv_blocks_for, make_model
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick or device.type == "cpu":
         from labkit.checkpoint import load_default_model
@@ -97,14 +101,25 @@ def run(args) -> dict:
         setups = [(torch.bfloat16, make_model(False, device, torch.bfloat16), "Llama-3.2-1B shape, random weights")]
     rows = []
     for dtype, model, name in setups:
-        blocks = kv_blocks_for(model, device, 0.3, 16, fallback=512)
+        blocks = kv_blocks_for(model, device, 0.25, 16, fallback=512)
+        alone = {}
         for invariant in (False, True):
-            for row in experiment(model, args, invariant, blocks):
+            alone[invariant], summary = experiment(model, args, invariant, blocks)
+            for row in summary:
                 rows.append({"dtype": str(dtype), **row})
                 print(rows[-1], flush=True)
             for batch in [int(b) for b in args.decode_batch.split(",")]:
                 rows.append({"dtype": str(dtype), **decode_speed(model, args, invariant, batch, device)})
                 print(rows[-1], flush=True)
+        # the kernels' sanity check: alone, the two modes compute the same function up to rounding
+        a, b = alone[False], alone[True]
+        n = bi.first_divergence(a.tokens, b.tokens)
+        n = len(a.tokens) if n is None else n + 1
+        rows.append({"dtype": str(dtype), "mode": "invariant_vs_default", "experiment": "alone",
+                     "first_divergent_token": bi.first_divergence(a.tokens, b.tokens),
+                     "max_abs_logit_diff": (a.logits[:n] - b.logits[:n]).abs().max().item(),
+                     "logit_scale": a.logits.abs().max().item()})
+        print(rows[-1], flush=True)
         c = model.config
         shapes = {"model": name, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
                   "vocab_size": c.vocab_size, "head_dim": c.head_dim}
