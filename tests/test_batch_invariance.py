@@ -21,6 +21,7 @@ from labkit.checkpoint import load_default_model
 pytestmark = pytest.mark.timeout(240)
 
 MAX_TOKENS = 8
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests: compiled on a GPU, else the interpreter
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -99,7 +100,7 @@ def test_torch_attention_matches_the_reference():
 
 
 # ---- the Triton kernels (interpreter) ----------------------------------------------------------
-def attention_inputs(dtype, q_lens=(1, 5, 1, 3), ctx=(40, 9, 70, 3), Hq=4, Hkv=2, D=16, bs=8):
+def attention_inputs(dtype, q_lens=(1, 5, 1, 3), ctx=(40, 9, 70, 3), Hq=4, Hkv=2, D=16, bs=8, device="cpu"):
     g = torch.Generator().manual_seed(1)
     seq_lens = [c + n for c, n in zip(ctx, q_lens)] if ctx else list(q_lens)
     width = max(-(-s // bs) for s in seq_lens)
@@ -109,12 +110,13 @@ def attention_inputs(dtype, q_lens=(1, 5, 1, 3), ctx=(40, 9, 70, 3), Hq=4, Hkv=2
     perm = torch.randperm(num_blocks, generator=g)[:width * len(seq_lens)].view(len(seq_lens), width)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(int(cu[-1]), Hq, D, generator=g).to(dtype)
-    return q, k_cache, v_cache, perm.to(torch.int32), cu, torch.tensor(seq_lens, dtype=torch.int32)
+    tensors = q, k_cache, v_cache, perm.to(torch.int32), cu, torch.tensor(seq_lens, dtype=torch.int32)
+    return tuple(t.to(device) for t in tensors)
 
 
 def test_matmul_kernel_matches_reference_and_rows_are_invariant():
     torch.manual_seed(0)
-    x, w, b = torch.randn(21, 40), torch.randn(24, 40), torch.randn(24)
+    x, w, b = torch.randn(21, 40, device=DEV), torch.randn(24, 40, device=DEV), torch.randn(24, device=DEV)
     out = bik.matmul(x, w, b)
     torch.testing.assert_close(out, bik.matmul_ref(x, w, b), rtol=1e-5, atol=1e-5)
     assert torch.equal(bik.matmul(x[3:4], w, b), out[3:4])
@@ -122,25 +124,26 @@ def test_matmul_kernel_matches_reference_and_rows_are_invariant():
 
 def test_rms_norm_kernel_matches_reference():
     torch.manual_seed(0)
-    x, w = torch.randn(5, 100), torch.randn(100)
+    x, w = torch.randn(5, 100, device=DEV), torch.randn(100, device=DEV)
     torch.testing.assert_close(bik.rms_norm(x, w, 1e-5), bik.rms_norm_ref(x, w, 1e-5), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_kernel_matches_reference_and_a_query_is_invariant():
-    q, k_cache, v_cache, tables, cu, lens = attention_inputs(torch.float32)
+    q, k_cache, v_cache, tables, cu, lens = attention_inputs(torch.float32, device=DEV)
     out = bik.paged_attention(q, k_cache, v_cache, tables, cu, lens, max_query_len=5)
     torch.testing.assert_close(out, bik.attention_ref(q, k_cache, v_cache, tables, cu, lens), rtol=1e-5, atol=1e-5)
     # sequence 2's decode alone (a one-sequence step) against the same query inside the mixed step
-    alone = bik.paged_attention(q[6:7], k_cache, v_cache, tables[2:3], torch.tensor([0, 1], dtype=torch.int32),
+    alone = bik.paged_attention(q[6:7], k_cache, v_cache, tables[2:3], torch.tensor([0, 1], dtype=torch.int32,
+                                                                                 device=DEV),
                                 lens[2:3], max_query_len=1)
     assert torch.equal(alone, out[6:7])
 
 
 def test_kernels_refuse_bad_input():
     with pytest.raises(ValueError, match="input features"):
-        bik.matmul(torch.randn(2, 8), torch.randn(4, 6))
+        bik.matmul(torch.randn(2, 8, device=DEV), torch.randn(4, 6, device=DEV))
     with pytest.raises(ValueError, match="max_query_len"):
-        bik.paged_attention(*attention_inputs(torch.float32), max_query_len=0)
+        bik.paged_attention(*attention_inputs(torch.float32, device=DEV), max_query_len=0)
 
 
 def test_the_figure_draws_a_quick_recording():
