@@ -10,6 +10,8 @@
                    produce: only a replay of a known trace can, see EngineBlockManager.oracle)
     preemption     "recompute" | "swap" | "none" (a step that cannot get a block raises instead)
     chunked prefill  a prompt is fed in chunks under ``max_num_batched_tokens`` per step, beside the decodes
+    batch_invariant  every reduction in a fixed order whatever the batch (labkit.batch_invariant): a request's
+                   logits are bitwise the same alone or batched, chunked or not, at some cost in speed
 
 Earlier notebooks are restricted configurations of the same engine (see :meth:`EngineConfig.preset`).
 """
@@ -42,6 +44,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8" / "fp8": quantised K/V with scales
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     attention_backend: str = "auto"  # "auto": Triton kernels on a GPU, plain torch on the CPU; "triton"; "torch"
+    batch_invariant: bool = False  # True: labkit.batch_invariant's ops and attention for every step
 
     def __post_init__(self):
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -62,6 +65,10 @@ class EngineConfig:
                               ("attention_backend", ("auto", "triton", "torch"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"EngineConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"EngineConfig.batch_invariant must be True or False, got {self.batch_invariant!r}")
+        if self.batch_invariant and self.kv_cache_dtype != "auto":
+            raise ValueError("batch_invariant=True has no quantised-KV attention; use kv_cache_dtype='auto'")
         if self.batching == "one-at-a-time":
             self.max_num_seqs = 1
         if self.preemption == "swap" and self.num_cpu_blocks == 0:

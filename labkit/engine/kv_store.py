@@ -10,6 +10,7 @@ back to the host, so a decode step can be captured in a CUDA graph.
     decode-only step (one query per sequence)  kernels/paged_attention.py        (Triton, GPU)
     anything else (prefill chunks + decodes)   kernels/prefill_attention.py      (Triton, GPU)
     CPU                                        gather the blocks, plain-torch attention (labkit.attention)
+    batch_invariant=True, every step           labkit.batch_invariant.paged_attention (fixed KV tiles from 0)
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class PagedKVStore(KVCache):
     """K/V of every layer in blocks; ``metadata`` is set by the runner before each forward."""
 
     def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", use_kernels: bool = False):
+                 device: torch.device | str = "cpu", use_kernels: bool = False, batch_invariant: bool = False):
         check_cache_dtype(dtype, "PagedKVStore")  # int8 / fp8 without scales would destroy K/V
         D = config.head_dim
         if use_kernels and (D < 16 or D & (D - 1)):
@@ -108,6 +109,7 @@ class PagedKVStore(KVCache):
                              "use attention_backend='torch'")
         self.config, self.block_size, self.dtype = config, block_size, dtype
         self.device, self.use_kernels = torch.device(device), use_kernels
+        self.batch_invariant = batch_invariant
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, D)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -155,6 +157,12 @@ class PagedKVStore(KVCache):
         v_new = v[0].transpose(0, 1).to(self.dtype)
         (cache_write if self.use_kernels else cache_write_ref)(k_new, v_new, k_cache, v_cache, meta.slot_mapping)
         q_t = q[0].transpose(0, 1)  # (N, Hq, D)
+        if self.batch_invariant:  # one kernel for decode and mixed steps alike: the same tiles for every query
+            from labkit.batch_invariant import paged_attention
+
+            out = paged_attention(q_t.to(self.dtype).contiguous(), k_cache, v_cache, meta.block_tables,
+                                  meta.cu_seqlens_q, meta.seq_lens, meta.max_query_len, self.use_kernels)
+            return out.transpose(0, 1)[None].to(q.dtype)  # (1, Hq, N, D)
         if self.use_kernels:
             q_t = q_t.to(self.dtype).contiguous()
             if meta.decode_only:

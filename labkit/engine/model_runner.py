@@ -7,16 +7,21 @@
                          decode-only steps on a GPU replay a CUDA graph captured for the batch-size bucket
         sample           one row of logits per sequence that is level with its tokens
 
+With ``EngineConfig(batch_invariant=True)`` every forward (and every graph capture) runs inside
+``labkit.batch_invariant.batch_invariant_mode(model)`` and the store attends batch-invariantly.
+
 Every scheduled sequence's new tokens are packed into one row of ``N`` tokens (prefill chunks and decodes
 together); ``logits_indices`` picks the last token of each sequence that samples, so the LM head runs
 on those rows only.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
+from labkit.batch_invariant import batch_invariant_mode
 from labkit.engine.config import EngineConfig
 from labkit.engine.kv_store import AttentionMetadata, PagedKVStore
 from labkit.engine.scheduler import SchedulerOutput
@@ -41,7 +46,8 @@ class ModelRunner:
                                           dtype=self.dtype, device=self.device, use_kernels=use_kernels)
         else:
             self.store = PagedKVStore(model.config, config.num_blocks, config.block_size, dtype=self.dtype,
-                                      device=self.device, use_kernels=use_kernels)
+                                      device=self.device, use_kernels=use_kernels,
+                                      batch_invariant=config.batch_invariant)
         self.cpu_k = self.cpu_v = None
         if config.num_cpu_blocks:
             shape = (self.store.k_cache.shape[0], config.num_cpu_blocks) + tuple(self.store.k_cache.shape[2:])
@@ -52,6 +58,10 @@ class ModelRunner:
         self._graphs: dict[int, tuple] = {}
         self._graph_pool = None
         self.last_step_seconds = 0.0
+        self.on_logits = None  # f(seqs, logits): called with each step's sampling rows (the invariance bench)
+
+    def _mode(self):
+        return batch_invariant_mode(self.model) if self.config.batch_invariant else contextlib.nullcontext()
 
     # ---- one step -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -82,12 +92,14 @@ class ModelRunner:
         if out.is_decode_only and self.use_graphs and len(ids) <= GRAPH_BATCH_SIZES[-1]:
             logits = self._replay(ids, positions, slots, seq_lens, tables)
         else:
-            meta = AttentionMetadata.build(q_lens, seq_lens, tables, slots, self.device,
-                                           with_torch_path=not self.store.use_kernels)
+            torch_path = not self.store.use_kernels and not self.config.batch_invariant
+            meta = AttentionMetadata.build(q_lens, seq_lens, tables, slots, self.device, with_torch_path=torch_path)
             self.store.metadata = meta
-            logits = self.model(torch.tensor([ids], device=self.device), torch.tensor([positions], device=self.device),
-                                cache=self.store, logits_indices=torch.tensor(rows, dtype=torch.long, device=self.device),
-                                validate=False)[0]
+            dev = self.device
+            with self._mode():
+                logits = self.model(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev),
+                                    cache=self.store, logits_indices=torch.tensor(rows, dtype=torch.long, device=dev),
+                                    validate=False)[0]
         tokens = self._sample(logits, samplers)
         self.last_step_seconds = time.perf_counter() - start
         return tokens
@@ -97,6 +109,8 @@ class ModelRunner:
         their own seeded generators."""
         if not seqs:
             return {}
+        if self.on_logits is not None:
+            self.on_logits(seqs, logits)
         greedy = logits.argmax(-1)
         nan_rows = torch.isnan(logits).any(-1)
         greedy, nan_rows = greedy.tolist(), nan_rows.tolist()
@@ -148,8 +162,9 @@ class ModelRunner:
 
         def forward():
             self.store.metadata = meta
-            return self.model(buf["ids"][None], buf["positions"][None], cache=self.store, logits_indices=rows,
-                              validate=False)[0]
+            with self._mode():  # the graph records the mode's kernels; a replay needs no mode
+                return self.model(buf["ids"][None], buf["positions"][None], cache=self.store, logits_indices=rows,
+                                  validate=False)[0]
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
