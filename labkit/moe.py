@@ -29,7 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.moe import fused_moe
 from labkit.config import LlamaConfig
+from labkit.device import MODE
 
 ROUTINGS = ("token_choice", "expert_choice")
 DEFAULT_MOE_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "model_moe"  # the shipped MoE (its card)
@@ -108,7 +110,12 @@ class SparseMoeBlock(nn.Module):
     """forward(x (B, T, H)) -> (B, T, H). Every token of the batch is routed together (B * T tokens).
 
     ``routing`` and ``capacity_factor`` are serving choices, not checkpoint contents: set them with
-    :func:`set_routing`. The default is Mixtral's: token choice, dropless (``capacity_factor=None``)."""
+    :func:`set_routing`. The default is Mixtral's: token choice, dropless (``capacity_factor=None``).
+
+    ``backend`` (:func:`set_moe_backend`): "torch" runs the per-expert loop (the reference); "triton" the
+    grouped-matmul kernel :func:`kernels.moe.fused_moe` (two launches for all experts); "auto" the kernel on a
+    GPU and the loop on the CPU. The kernel serves dropless token choice only: with a capacity or expert choice
+    "auto" keeps the loop and "triton" is an error."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -117,6 +124,7 @@ class SparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(Expert(config.hidden_size, config.intermediate_size)
                                      for _ in range(config.num_local_experts))
         self.routing, self.capacity_factor = "token_choice", None
+        self.backend = "auto"
 
     def dispatch(self, x: torch.Tensor) -> Dispatch:
         """Routing decisions for x (N, H)."""
@@ -125,10 +133,23 @@ class SparseMoeBlock(nn.Module):
             return route_expert_choice(logits, self.top_k, self.capacity_factor or 1.0)
         return route_token_choice(logits, self.top_k, self.capacity_factor)
 
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        dropless = self.routing == "token_choice" and self.capacity_factor is None
+        if self.backend == "triton" and not dropless:
+            raise ValueError(f"the MoE kernel serves dropless token choice; this block routes {self.routing!r} with "
+                             f"capacity_factor={self.capacity_factor}: use set_moe_backend(model, 'torch' or 'auto')")
+        return self.backend == "triton" or (self.backend == "auto" and dropless and MODE == "gpu" and x.is_cuda)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
         d = self.dispatch(x)
+        if self._use_kernel(x):
+            top_w, top_i = torch.topk(d.combine, self.top_k, dim=-1)  # (N, k): dropless, k non-zero weights a row
+            # Mixtral's per-expert modules are stacked on every call (E * 3 * H * I weights copied): a serving
+            # build would store them stacked once
+            w13, w2 = stacked_weights(self)
+            return fused_moe(x, w13, w2, top_i, top_w).reshape(shape)
         out = torch.zeros_like(x)
         for e in torch.nonzero(d.tokens_per_expert).flatten().tolist():  # experts with no tokens read no weights
             rows = torch.nonzero(d.selected[:, e]).flatten()  # (n_e,)
@@ -141,6 +162,13 @@ def moe_blocks(model) -> list[SparseMoeBlock]:
     return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
 
 
+def _blocks_or_error(model) -> list[SparseMoeBlock]:
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("this model has no MoE blocks (config.num_local_experts is 0); load a mixtral checkpoint")
+    return blocks
+
+
 def set_routing(model, routing: str = "token_choice", capacity_factor: float | None = None) -> None:
     """Switch every MoE block of ``model`` to ``routing`` with ``capacity_factor`` (None: no capacity;
     expert choice always has one, 1.0 if None)."""
@@ -148,11 +176,16 @@ def set_routing(model, routing: str = "token_choice", capacity_factor: float | N
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
-    blocks = moe_blocks(model)
-    if not blocks:
-        raise ValueError("this model has no MoE blocks (config.num_local_experts is 0); load a mixtral checkpoint")
-    for b in blocks:
+    for b in _blocks_or_error(model):
         b.routing, b.capacity_factor = routing, capacity_factor
+
+
+def set_moe_backend(model, backend: str = "auto") -> None:
+    """Run every MoE block of ``model`` on ``backend``: "auto", "triton" or "torch" (see :class:`SparseMoeBlock`)."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    for b in _blocks_or_error(model):
+        b.backend = backend
 
 
 def active_parameters(model) -> int:

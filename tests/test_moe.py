@@ -149,3 +149,82 @@ def test_shipped_moe_is_a_mixtral_checkpoint_transformers_reads():
     ids = torch.tensor([tok.encode("It is a truth universally acknowledged")])
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-3
+
+
+# --- the block's forward through the grouped-matmul kernel (kernels/moe.py) ---------------------------------------
+
+def _block(seed=0):
+    from labkit.config import LlamaConfig
+    from labkit.moe import SparseMoeBlock
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(seed)
+    block = SparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.normal_(0, 0.5)  # a router far from uniform: experts get uneven loads
+    return block
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shape", [(1, 1, 32), (2, 7, 32), (3, 19, 32)])
+def test_kernel_forward_equals_the_loop(shape):
+    block = _block()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+    with torch.no_grad():
+        block.backend = "torch"
+        ref = block(x)
+        block.backend = "triton"  # the interpreter here
+        got = block(x)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_auto_runs_the_kernel_only_on_cuda_and_only_dropless(monkeypatch):
+    import labkit.moe as moe
+
+    calls = []
+    real = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    block, x = _block(), torch.randn(5, 32)
+    with torch.no_grad():
+        block(x)  # auto on the CPU: the loop
+        assert calls == []
+        monkeypatch.setattr(moe, "MODE", "gpu")
+        block(x)  # a GPU machine, but a CPU tensor: still the loop
+        assert calls == []
+        block.backend = "triton"
+        block(x)
+        assert calls == [1]
+        set_routing(torch.nn.Sequential(block), "token_choice", capacity_factor=1.0)
+        with pytest.raises(ValueError, match="dropless token choice"):
+            block(x)
+        block.backend = "auto"
+        block(x)  # capacity routing stays on the loop
+        assert calls == [1]
+    with pytest.raises(ValueError, match="backend"):
+        moe.set_moe_backend(torch.nn.Sequential(block), "cuda")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: the compiled kernel inside the whole model")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_model_logits_kernel_vs_loop(tmp_path, dtype, monkeypatch):
+    import labkit.moe as moe
+
+    calls = []
+    real = moe.fused_moe
+    monkeypatch.setattr(moe, "fused_moe", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    _hf_mixtral().save_pretrained(tmp_path, safe_serialization=True)
+    ours, _ = load_pretrained(tmp_path)
+    ours = ours.to("cuda", dtype)
+    ids = _ids().cuda()
+    with torch.no_grad():
+        moe.set_moe_backend(ours, "torch")
+        ref = ours(ids).float()
+        moe.set_moe_backend(ours, "auto")
+        got = ours(ids).float()
+    assert calls, "auto did not choose the kernel on CUDA"
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    assert ((got - ref).norm() / ref.norm()).item() < tol

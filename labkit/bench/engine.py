@@ -48,9 +48,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed per batch size")
 
 
-def make_model(quick: bool, device, dtype):
+def make_model(quick: bool, device, dtype, shape: dict | None = None):
+    """The benchmark's Llama (``shape``, else TINY or LLAMA_1B), random weights, seeded: every call gives the same."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(**(TINY if quick else LLAMA_1B))
+    cfg = LlamaConfig(**(shape or (TINY if quick else LLAMA_1B)))
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     for p in model.parameters():
@@ -202,13 +203,17 @@ def count_kernels(fn) -> tuple[int, int]:
     return kernels, launches
 
 
-def decode_rows(model, args, device, copy_gbps: float | None) -> list[dict]:
+def decode_rows(model, args, device, copy_gbps: float | None, weight_bytes: int | None = None,
+                graph_modes=(True, False)) -> list[dict]:
+    """Time decode steps at each of ``args.batches``; ``weight_bytes``: what one step reads of the weights (default:
+    every parameter once; a quantised model keeps its codes in buffers, so its caller counts them)."""
     c = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    if weight_bytes is None:
+        weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * next(model.parameters()).element_size()
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for graphs in (True, False):
+        for graphs in graph_modes:
             blocks = batch * -(-(args.context + args.steps + batch * args.context // 8192 + 32) // 16) + 16
             cfg = EngineConfig(num_blocks=blocks, block_size=16, max_num_seqs=max(batch, 1),
                                max_num_batched_tokens=max(8192, args.context), enforce_eager=not graphs)
