@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["decode_rows", "speed_figure", "speed_sentences"]
 
-COLOURS = {"bf16": "#636efa", "int8": "#ef553b", "int4_g128": "#00cc96", "ternary": "#ab63fa"}
+COLOURS = {"bf16": "#636efa", "fp16": "#636efa", "int8": "#ef553b", "int4_g128": "#00cc96", "ternary": "#ab63fa"}
 
 
 def decode_rows(bench: dict) -> list[dict]:
@@ -12,6 +12,11 @@ def decode_rows(bench: dict) -> list[dict]:
     rows = bench["rows"]
     graphed = [r for r in rows if r["cuda_graphs"]]
     return graphed or rows
+
+
+def _dense(bench: dict) -> str:
+    """The unquantised baseline's scheme name: its dtype (recordings before --activations: bf16)."""
+    return bench["shapes"].get("dense") or "bf16"
 
 
 def _schemes(rows: list[dict]) -> list[str]:
@@ -25,25 +30,26 @@ def speed_figure(bench: dict, source: str):
     from plotly.subplots import make_subplots
 
     rows = decode_rows(bench)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("decode tokens/s", "speed-up over bf16 (dotted: floor ratio)"))
+    dense = _dense(bench)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("decode tokens/s", f"speed-up over {dense} (dotted: floor ratio)"))
     for scheme in _schemes(rows):
         mine = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: r["batch"])
         colour = COLOURS.get(scheme)
         batches = [r["batch"] for r in mine]
         fig.add_scatter(x=batches, y=[r["tok_s"] for r in mine], name=scheme, mode="lines+markers",
                         line=dict(color=colour), legendgroup=scheme, row=1, col=1)
-        if scheme == "bf16":
+        if scheme == dense:
             continue
-        fig.add_scatter(x=batches, y=[r["ratio_to_bf16"] for r in mine], name=f"{scheme} / bf16", mode="lines+markers",
+        fig.add_scatter(x=batches, y=[r["ratio_to_dense"] for r in mine], name=f"{scheme} / {dense}", mode="lines+markers",
                         line=dict(color=colour), legendgroup=scheme, showlegend=False, row=1, col=2)
-        if any(r["floor_ratio_to_bf16"] for r in mine):
-            fig.add_scatter(x=batches, y=[r["floor_ratio_to_bf16"] for r in mine], name=f"{scheme} floor ratio",
+        if any(r["floor_ratio_to_dense"] for r in mine):
+            fig.add_scatter(x=batches, y=[r["floor_ratio_to_dense"] for r in mine], name=f"{scheme} floor ratio",
                             mode="lines", line=dict(color=colour, dash="dot"), legendgroup=scheme, showlegend=False,
                             row=1, col=2)
     fig.add_hline(y=1.0, line_dash="dash", line_color="grey", row=1, col=2)
     fig.update_xaxes(type="log", title_text="batch (sequences decoding)")
     fig.update_yaxes(title_text="tokens/s", row=1, col=1)
-    fig.update_yaxes(title_text="× bf16", row=1, col=2)
+    fig.update_yaxes(title_text=f"× {dense}", row=1, col=2)
     shapes = bench["shapes"]
     fig.update_layout(title=f"The engine on quantised weights: {shapes['model']}, {shapes['decode_context']} cached "
                             f"tokens a sequence · {source}", height=420)
@@ -56,15 +62,16 @@ def speed_sentences(bench: dict) -> list[str]:
     batches = sorted({r["batch"] for r in rows})
     lo, hi = batches[0], batches[-1]
     by = {(r["scheme"], r["batch"]): r for r in rows}
+    dense = _dense(bench)
     out = []
     for scheme in _schemes(rows):
-        if scheme == "bf16" or (scheme, lo) not in by or by[(scheme, lo)]["ratio_to_bf16"] is None:
+        if scheme == dense or (scheme, lo) not in by or by[(scheme, lo)]["ratio_to_dense"] is None:
             continue
         first, last = by[(scheme, lo)], by.get((scheme, hi))
-        text = f"{scheme}: {first['ratio_to_bf16']:.2f}x bf16's tokens/s at batch {lo}"
-        if first["floor_ratio_to_bf16"]:
-            text += f" (its bytes allow {first['floor_ratio_to_bf16']:.2f}x)"
+        text = f"{scheme}: {first['ratio_to_dense']:.2f}x {dense}'s tokens/s at batch {lo}"
+        if first["floor_ratio_to_dense"]:
+            text += f" (its bytes allow {first['floor_ratio_to_dense']:.2f}x)"
         if last is not None and hi != lo:
-            text += f", {last['ratio_to_bf16']:.2f}x at batch {hi}"
+            text += f", {last['ratio_to_dense']:.2f}x at batch {hi}"
         out.append(text + ".")
     return out

@@ -42,8 +42,8 @@ def test_quick_run_records_every_scheme_and_batch():
     assert lin["ternary"] < lin["int4_g128"] < lin["int8"] < lin["bf16"]
     for r in rows:
         assert r["tok_s"] == pytest.approx(r["batch"] / r["step_ms"] * 1e3)
-        assert r["floor_ms"] is None and r["floor_ratio_to_bf16"] is None  # no copy bandwidth on the CPU
-    assert all(r["ratio_to_bf16"] == 1.0 for r in rows if r["scheme"] == "bf16")
+        assert r["floor_ms"] is None and r["floor_ratio_to_dense"] is None  # no copy bandwidth on the CPU
+    assert all(r["ratio_to_dense"] == 1.0 for r in rows if r["scheme"] == "bf16")
     fig = speed_figure(result, "CPU smoke run")
     assert {t.name for t in fig.data} >= set(engine_quant.SCHEMES)
     sentences = speed_sentences(result)

@@ -41,6 +41,7 @@ from labkit.quant import QuantLinear, get_scheme, quantize_model
 from labkit.ternary import LINEAR_NAMES, TernaryLinear, ternarise_model
 
 SCHEMES = ("bf16", "int8", "int4_g128", "ternary")
+DENSE = ("bf16", "fp16")  # the unquantised model, named after its dtype (--activations fp16 renames "bf16")
 # hidden and intermediate are multiples of 128 so that int4 g128 needs no padding
 QUICK = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True)
@@ -58,6 +59,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed per batch size")
     parser.add_argument("--lm-head", default="bf16", help="bf16 (default) or a labkit.quant scheme for the LM head")
     parser.add_argument("--eager", action="store_true", help="also time every batch with enforce_eager=True")
+    parser.add_argument("--activations", default="bf16", choices=("bf16", "fp16"),
+                        help="the model's dtype: the dense baseline's weights and every scheme's activations "
+                             "(fp16 is what the int4 / int8 GEMVs' word-at-a-time PTX paths take)")
 
 
 def _parse(args) -> tuple[list[str], list[int]]:
@@ -80,9 +84,9 @@ def apply_scheme(model: nn.Module, scheme: str, lm_head: str = "bf16", backend: 
     """Quantise ``model``'s decoder linears in place with ``scheme`` (and its LM head with ``lm_head``)."""
     if scheme == "ternary":
         ternarise_model(model, backend=backend)
-    elif scheme != "bf16":
+    elif scheme not in DENSE:
         quantize_model(model, scheme, backend=backend)  # skip=("lm_head",) by default
-    if scheme != "bf16" and lm_head != "bf16":
+    if scheme not in DENSE and lm_head != "bf16":
         quantize_model(model, lm_head, skip=(), backend=backend)  # the only nn.Linear left is the head
     return model
 
@@ -179,7 +183,7 @@ def run_scheme(scheme: str, args, device, dtype, copy_gbps, batches: list[int]) 
     model = apply_scheme(make_model(args.quick, device, dtype, shape), scheme, args.lm_head,
                          "triton" if args.quick else "auto")
     checks = {}
-    if scheme != "bf16":
+    if scheme not in DENSE:
         dense = dequantised_copy(model, make_model(args.quick, device, dtype, shape))
         checks = check(model, dense, device)
         del dense
@@ -206,12 +210,12 @@ def run_scheme(scheme: str, args, device, dtype, copy_gbps, batches: list[int]) 
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each row's tokens/s and floor against bf16's at the same batch and graph mode (None without a bf16 row)."""
-    base = {(r["batch"], r["cuda_graphs"]): r for r in rows if r["scheme"] == "bf16"}
+    """Each row's tokens/s and floor against the dense model's at the same batch and graph mode (None without one)."""
+    base = {(r["batch"], r["cuda_graphs"]): r for r in rows if r["scheme"] in DENSE}
     for r in rows:
         b = base.get((r["batch"], r["cuda_graphs"]))
-        r["ratio_to_bf16"] = r["tok_s"] / b["tok_s"] if b else None
-        r["floor_ratio_to_bf16"] = b["floor_ms"] / r["floor_ms"] if b and r["floor_ms"] else None
+        r["ratio_to_dense"] = r["tok_s"] / b["tok_s"] if b else None
+        r["floor_ratio_to_dense"] = b["floor_ms"] / r["floor_ms"] if b and r["floor_ms"] else None
 
 
 def run(args) -> dict:
@@ -221,7 +225,10 @@ def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if args.quick:
         args.context, args.steps = min(args.context, 32), min(args.steps, 2)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[getattr(args, "activations", "bf16")]
+    dtype = dtype if device.type == "cuda" else torch.float32
+    if dtype == torch.float16:
+        schemes = ["fp16" if s == "bf16" else s for s in schemes]
     copy_gbps = record.copy_bandwidth_gbps() if device.type == "cuda" else None
     rows, checks = [], {}
     for scheme in schemes:
@@ -229,17 +236,18 @@ def run(args) -> dict:
         rows += scheme_rows
     add_ratios(rows)
     for r in rows:
-        print({k: r[k] for k in ("scheme", "batch", "cuda_graphs", "step_ms", "tok_s", "floor_ms", "ratio_to_bf16")},
+        print({k: r[k] for k in ("scheme", "batch", "cuda_graphs", "step_ms", "tok_s", "floor_ms", "ratio_to_dense")},
               flush=True)
     c = QUICK if args.quick else LLAMA_1B
-    int4 = next((r for r in rows if r["scheme"] == "int4_g128" and r["batch"] == 1 and r["ratio_to_bf16"]), None)
-    target = {"int4_g128_batch1_ratio_to_bf16": int4["ratio_to_bf16"] if int4 else None, "wanted": TARGET,
-              "floor_ratio": int4["floor_ratio_to_bf16"] if int4 else None}
+    int4 = next((r for r in rows if r["scheme"] == "int4_g128" and r["batch"] == 1 and r["ratio_to_dense"]), None)
+    target = {"int4_g128_batch1_ratio_to_dense": int4["ratio_to_dense"] if int4 else None, "wanted": TARGET,
+              "floor_ratio": int4["floor_ratio_to_dense"] if int4 else None}
     return {"shapes": {"model": "tiny (CPU smoke run)" if args.quick else "Llama-3.2-1B shape, random weights",
-                       "dtype": str(dtype), "hidden_size": c["hidden_size"],
+                       "dtype": str(dtype), "dense": next((s for s in schemes if s in DENSE), None),
+                       "hidden_size": c["hidden_size"],
                        "num_hidden_layers": c["num_hidden_layers"], "vocab_size": c["vocab_size"],
                        "decode_context": args.context, "steps": args.steps, "batches": batches, "schemes": schemes,
-                       "lm_head": args.lm_head, "embedding": "bf16" if device.type == "cuda" else str(dtype),
+                       "lm_head": args.lm_head, "embedding": str(dtype),
                        "quantised": "decoder linears (q, k, v, o, gate, up, down)"
                                     + ("" if args.lm_head == "bf16" else f" and the LM head ({args.lm_head})")},
             "copy_gbps": copy_gbps, "rows": rows, "checks": checks, "target": target}
