@@ -430,3 +430,17 @@ def test_llama_sized_shapes_on_gpu(dtype, m):
         else:
             out = int4_matmul(x, qt.qweight, qt.scales, qt.zeros, qt.scheme.group_size)
         assert rel_err(out, ref) < TOL[dtype], scheme
+
+
+@pytest.mark.timeout(60)
+def test_bench_rows_name_their_kernel_and_candidates():
+    # the benchmark's row names carry the group and the variant; "_gemm" must not be read as a group ("_g")
+    from labkit.bench.quant_matmul import INT4_VARIANTS, _int4_name, candidate_configs
+
+    assert _int4_name("labkit_int4_g128") == (128, None)
+    for variant in INT4_VARIANTS:
+        assert _int4_name(f"labkit_int4_g128_{variant}") == (128, variant)
+    assert all(c["path"] == "small_m" for c in candidate_configs("int4", 4, 4096, 4096, 128, "small_m"))
+    assert all(c["path"] == "gemm" for c in candidate_configs("int4", 16, 4096, 4096, 128, "gemm"))
+    assert candidate_configs("int4", 1, 4096, 4096, 128, "small_m") == []
+    assert all(c.get("WORDS") for c in candidate_configs("int8_words", 1, 4096, 4096))

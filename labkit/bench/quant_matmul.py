@@ -111,7 +111,7 @@ def _variant_configs(variant: str, m: int, n: int, k: int, group: int) -> list[d
 
 def _int4_name(name: str) -> tuple[int, str | None]:
     """"labkit_int4_g128" -> (128, None); "labkit_int4_g128_small_m" -> (128, "small_m")."""
-    group, _, variant = name.rsplit("_g", 1)[1].partition("_")
+    group, _, variant = name.split("labkit_int4_g", 1)[1].partition("_")  # not rsplit: "_gemm" has a "_g" too
     return int(group), variant or None
 
 
