@@ -189,7 +189,8 @@ def _check(name: str, t, dim: int) -> None:
     if t.dim() != dim:
         raise ValueError(f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
     if t.stride(-1) != 1:
-        raise ValueError(f"{name}'s last dim must be contiguous (stride 1), got strides {t.stride()}; call .contiguous()")
+        raise ValueError(f"{name}'s last dim must be contiguous (stride 1), got strides {t.stride()}; "
+                         "call .contiguous()")
     if t.device.type == "cpu" and not labkit.device.INTERPRETER:
         raise ValueError(f"{name} is on the CPU but Triton compiles for the GPU here: move it to 'cuda'")
 

@@ -216,7 +216,8 @@ def run_scheme(scheme: str, args, device, dtype, copy_gbps, batches: list[int]) 
     rows = decode_rows(model, args, device, copy_gbps, weight_bytes=parts["total"],
                        graph_modes=(True, False) if args.eager else (True,))
     for r in rows:
-        r.update(scheme=scheme, fused=fused, tok_s=r["batch"] / r["step_ms"] * 1e3, **{f"{k}_bytes": v for k, v in parts.items()})
+        r.update(scheme=scheme, fused=fused, tok_s=r["batch"] / r["step_ms"] * 1e3,
+                 **{f"{k}_bytes": v for k, v in parts.items()})
     del model
     free_gpu_memory()
     return rows, checks

@@ -8,7 +8,8 @@
         sample           one row of logits per sequence that is level with its tokens
 
 With ``EngineConfig(fused_ops=True)`` the runner fuses the model in place first (labkit.fused_ops.fuse_model;
-a model fused already is used as it is). With ``EngineConfig(batch_invariant=True)`` every forward (and every graph capture) runs inside
+a model fused already is used as it is).
+With ``EngineConfig(batch_invariant=True)`` every forward (and every graph capture) runs inside
 ``labkit.batch_invariant.batch_invariant_mode(model)`` and the store attends batch-invariantly.
 
 Every scheduled sequence's new tokens are packed into one row of ``N`` tokens (prefill chunks and decodes
