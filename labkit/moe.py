@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from kernels.moe import fused_moe
 from labkit.config import LlamaConfig
-from labkit.device import MODE
+from labkit.device import INTERPRETER, MODE
 
 ROUTINGS = ("token_choice", "expert_choice")
 DEFAULT_MOE_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "model_moe"  # the shipped MoE (its card)
@@ -138,6 +138,9 @@ class SparseMoeBlock(nn.Module):
         if self.backend == "triton" and not dropless:
             raise ValueError(f"the MoE kernel serves dropless token choice; this block routes {self.routing!r} with "
                              f"capacity_factor={self.capacity_factor}: use set_moe_backend(model, 'torch' or 'auto')")
+        if self.backend == "triton" and not (x.is_cuda or INTERPRETER):
+            raise ValueError(f"backend 'triton' needs CUDA tensors here (x is on {x.device}; Triton's interpreter, "
+                             "which takes CPU tensors, is off): move the model to the GPU or use backend 'auto'")
         return self.backend == "triton" or (self.backend == "auto" and dropless and MODE == "gpu" and x.is_cuda)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

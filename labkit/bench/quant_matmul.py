@@ -39,11 +39,14 @@ per weight a thread handles in one iteration (``sass`` in the output).
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
 from kernels.quant_matmul import INT8_GEMV_CONFIG, default_config, int4_matmul, int8_matmul
 from labkit.bench import record
+from labkit.bench.quant_sass import loop_instructions
 from labkit.quant import dequantize, quantize_tensor
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (n, k) = (out_features, in_features)
@@ -314,26 +317,6 @@ def _word_kernels() -> dict:
             "int4": (qm._int4_gemv_words_kernel, lambda c, g: c["BLOCK_N"] * c["GROUPS"] * g)}
 
 
-def sass_loop_count(sass: str) -> tuple[int, int]:
-    """(instructions in the largest loop body, instructions in the kernel) of SASS text as nvdisasm prints it:
-    a loop is a label followed later by a branch back to it."""
-    import re
-
-    items, labels = [], {}
-    for line in sass.splitlines():
-        label = re.match(r"\s*(\.L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = len(items)
-        elif re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line):
-            items.append(line)
-    body = 0
-    for j, line in enumerate(items):
-        target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
-        if target and labels.get(target.group(1), j + 1) <= j:
-            body = max(body, j - labels[target.group(1)] + 1)
-    return body, len(items)
-
-
 def sass_profile(impls: dict, n: int, k: int) -> list[dict]:
     """Compile every m = 1 GEMV candidate of the selected labkit implementations and count its loop's SASS."""
     rows, kernels = [], _word_kernels()
@@ -353,7 +336,8 @@ def sass_profile(impls: dict, n: int, k: int) -> list[dict]:
                 print(f"sass {name} {cfg}: compiled earlier in this process, not counted")
                 continue
             try:
-                loop, total = sass_loop_count(new[-1].asm["sass"])
+                sass = new[-1].asm["sass"]
+                loop, total = loop_instructions(sass), len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass))
             except Exception as e:  # nvdisasm missing, or an older Triton without asm["sass"]
                 print(f"sass {name}: no SASS ({str(e)[:120]})")
                 return rows

@@ -100,7 +100,11 @@ def run(args) -> dict:
     for name, (jit_fn, launch, weights, cfg) in _kernels(n, k).items():
         launch(x)
         compiled = [c for cache in jit_fn.device_caches.values() for c in cache[0].values()]
-        sass = compiled[-1].asm.get("sass", "") if compiled else ""
+        try:  # asm is a dict that disassembles the cubin on first access of "sass" (get() would skip that)
+            sass = compiled[-1].asm["sass"] if compiled else ""
+        except Exception as e:  # cuobjdump missing, or a Triton without the lazy "sass" entry
+            print(f"{name}: no SASS ({str(e)[:160]})")
+            sass = ""
         loop = loop_instructions(sass)
         rows.append({"kernel": name, "config": cfg, "weights_per_thread_iteration": weights,
                      "loop_instructions": loop, "instructions_per_weight": loop / weights if loop else None,
