@@ -24,9 +24,12 @@ def decode_step_figure(data: dict) -> go.Figure:
     """Decode step time against batch size, with and without CUDA graphs, against the memory floor."""
     steps = data["decode_steps"]
     fig = go.Figure()
-    for graphs, name, color in ((False, "eager (Python launches every kernel)", "#d62728"),
-                                (True, "CUDA graph replay", "#2ca02c")):
-        rows = sorted((r for r in steps if r["cuda_graphs"] == graphs), key=lambda r: r["batch"])
+    for graphs, fused, name, color in ((False, False, "eager (Python launches every kernel)", "#d62728"),
+                                       (True, False, "CUDA graph replay", "#2ca02c"),
+                                       (False, True, "eager, fused ops", "#ff9896"),
+                                       (True, True, "CUDA graph replay, fused ops", "#1f77b4")):
+        rows = sorted((r for r in steps if r["cuda_graphs"] == graphs and bool(r.get("fused")) == fused),
+                      key=lambda r: r["batch"])
         if not rows:
             continue
         fig.add_scatter(x=[r["batch"] for r in rows], y=[r["step_ms"] for r in rows], name=name, mode="lines+markers",
@@ -46,6 +49,30 @@ def decode_step_figure(data: dict) -> go.Figure:
                       xaxis=dict(title="sequences in the step", type="log"),
                       yaxis=dict(title="ms per step", rangemode="tozero"), height=430)
     return fig
+
+
+def recorded_fused() -> tuple[dict | None, str]:
+    """The decode steps with and without fused ops (``python -m labkit.bench engine --decode-only --fused``)."""
+    try:
+        data = load("engine_fused")
+    except FileNotFoundError as e:
+        return None, f"not recorded yet: {e}"
+    p = data["provenance"]
+    return data, f"recorded on {p['device']} ({p['date'][:10]}, torch {p['torch']}, triton {p['triton']}): {p['command']}"
+
+
+def fused_sentences(data: dict) -> list[str]:
+    """Per batch, CUDA-graph step time and kernels a step without and with fused ops, read from the recording."""
+    steps = [r for r in data["decode_steps"] if r["cuda_graphs"]]
+    out = []
+    for batch in sorted({r["batch"] for r in steps}):
+        plain = next((r for r in steps if r["batch"] == batch and not r.get("fused")), None)
+        fused = next((r for r in steps if r["batch"] == batch and r.get("fused")), None)
+        if plain and fused:
+            out.append(f"batch {batch}: {plain['kernels_per_step']} -> {fused['kernels_per_step']} kernels a step, "
+                       f"{plain['step_ms']:.2f} -> {fused['step_ms']:.2f} ms ({plain['step_ms'] / fused['step_ms']:.2f}x), "
+                       f"{plain['ratio_to_floor']:.1f}x -> {fused['ratio_to_floor']:.1f}x the floor")
+    return out
 
 
 def engine_throughput_figure(data: dict) -> go.Figure:
