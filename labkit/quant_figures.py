@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from labkit.bench.quant_matmul import speedups
 
-__all__ = ["COMPARISONS", "TARGETS", "versions_figure", "version_sentences", "target_sentences"]
+__all__ = ["COMPARISONS", "TARGETS", "comparisons_with", "versions_figure", "version_sentences", "target_sentences"]
 
 BASELINE = "fp16_cublas"
 
@@ -31,6 +31,15 @@ TARGETS = (
     ("ternary", 1, ("labkit_ternary", "labkit_ternary_words"), 4.0),
     ("int4 g128", 16, ("labkit_int4_g128", "labkit_int4_g128_gemm", "labkit_int4_g128_small_m"), 1.5),
 )
+
+
+def comparisons_with(impl: str) -> tuple:
+    """The entries of :data:`COMPARISONS` that show ``impl`` (notebook 10 draws only ternary's)."""
+    found = tuple(c for c in COMPARISONS if impl in c[2])
+    if not found:
+        raise ValueError(f"no comparison shows {impl!r}; the versions compared are "
+                         f"{sorted({i for c in COMPARISONS for i in c[2]})}")
+    return found
 
 
 def _rows(result: dict) -> list[dict]:
