@@ -57,7 +57,8 @@ def speed_figure(bench: dict, source: str):
     fig.update_yaxes(title_text="tokens/s", row=1, col=1)
     fig.update_yaxes(title_text=f"× {dense}", row=1, col=2)
     shapes = bench["shapes"]
-    fig.update_layout(title=f"The engine on quantised weights: {shapes['model']}, {dense} activations, "
+    fused = ", fused ops" if any(r.get("fused") for r in rows) else ""  # engine_quant --fused tags its rows
+    fig.update_layout(title=f"The engine on quantised weights{fused}: {shapes['model']}, {dense} activations, "
                             f"{shapes['decode_context']} cached tokens a sequence<br><sub>{source}</sub>", height=440)
     return fig
 

@@ -88,6 +88,10 @@ def test_engine_recordings_each_get_a_figure_and_sentences(tmp_path):
     fp16 = dict(recorded)["engine_quant_fp16.json"]
     int4 = next(r for r in fp16["rows"] if r["scheme"] == "int4_g128" and r["batch"] == 1 and r["cuda_graphs"])
     assert f"{int4['ratio_to_dense']:.2f}x fp16" in engine_quant_figures.activation_sentences(recorded)[0]
+    fused = copy.deepcopy(fp16)
+    for r in fused["rows"]:
+        r["fused"] = True  # what engine_quant --fused records
+    assert "fused ops" in engine_quant_figures.speed_figure(fused, "test").layout.title.text
     assert engine_quant_figures.recordings(tmp_path) == []
     assert engine_quant_figures.activation_sentences([]) == []
     (tmp_path / "engine_quant_x.json").write_text(json.dumps(_without(fp16, "int4_g128", key="scheme")))
