@@ -683,16 +683,18 @@ def default_config(kind: str, m: int, n: int, k: int, group_size: int | None = N
     m = 1 (decode): the GEMV path, 4 rows of W per program, so n / 4 programs (>= 1024 for Llama's shapes)
     keep enough loads in flight; int4 reads 1 KB of each row per step as int32 words (``WORDS``). m > 1: tensor cores; a
     BLOCK_N of 32 keeps n / 32 programs busy, and int4 steps two groups at a time. int4 at 2 <= m <= 16: the
-    swap-AB kernel (``path="small_m"``), 64 rows of W per program, k split for short n: a first choice by the
-    SM count (132 on an H200), not yet a sweep's winner.
+    swap-AB kernel (``path="small_m"``), 64 rows of W per program, k split for short n, where k >= 2n (the
+    shape it won in the recorded sweep; the GEMM was as fast or faster on the other two).
     """
     if m <= GEMV_MAX_M:
-        if kind == "int8":  # int32 words (WORDS), fp16 x only (see _default_for); not yet in the recorded sweep
+        if kind == "int8":  # int32 words (WORDS), fp16 x only (see _default_for): the sweep's winner on all 3 shapes
             return dict(path="gemv", WORDS=True, BLOCK_N=4, BLOCK_K=1024, PREFETCH=True, num_warps=4)
         # int32 words and one PTX block a word (WORDS): its fast path needs fp16 x, see _default_for
         return dict(path="gemv", WORDS=True, BLOCK_N=4, GROUPS=max(1, 2048 // group_size), PREFETCH=True,
                     num_warps=4)
-    if kind == "int4" and m <= SMALL_M_MAX:  # 64 rows of W per MMA; k split until there are ~2 programs per SM
+    # swap-AB where it won the recorded sweep (data/bench/quant_matmul_words.json, H200): the long-k, short-n down
+    # projection (4096 x 14336: 38 against the GEMM's 44-45 us at m = 4 and 16); the GEMM kept the other two shapes
+    if kind == "int4" and m <= SMALL_M_MAX and k >= 2 * n:  # 64 rows of W per MMA; k split to ~2 programs per SM
         split_k = max(1, min(4, 256 // triton.cdiv(n, 64), k // 1024))
         cfg = dict(path="small_m", BLOCK_N=64, BLOCK_M=16, GROUPS=max(1, 256 // group_size), num_warps=4,
                    num_stages=3)

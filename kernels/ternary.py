@@ -429,10 +429,10 @@ _WORDS_KEYS = {"BLOCK_N", "BLOCK_KB", "SPLIT_K", "PREFETCH", "num_warps", "num_s
 
 
 def words_config(m: int, n: int, k: int) -> dict:
-    """Launch settings of :func:`ternary_matmul_words`: 4 rows a program (n / 4 programs), 512 bytes (2048
-    weights) of each row per step, so K = 4096 and 14336 are whole steps. A first guess, to be replaced by the
-    winner of ``python -m labkit.bench quant_matmul --sweep``."""
-    return dict(BLOCK_N=4, BLOCK_KB=512, SPLIT_K=1, PREFETCH=True, num_warps=4)
+    """Launch settings of :func:`ternary_matmul_words`: 4 rows a program (n / 4 programs), 1 KB (4096 weights) of
+    each row per step: the winner on all three Llama-3-8B shapes at m = 1 in data/bench/quant_matmul_words.json
+    (H200; 512 bytes a step, the first guess, came second)."""
+    return dict(BLOCK_N=4, BLOCK_KB=1024, SPLIT_K=1, PREFETCH=True, num_warps=4)
 
 
 def ternary_matmul_words(x: torch.Tensor, packed: torch.Tensor, scale, config: dict | None = None) -> torch.Tensor:

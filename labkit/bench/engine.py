@@ -14,6 +14,10 @@ TTFT / TPOT follow vLLM: TTFT = first token - arrival; TPOT = (last - first) / (
 Decode steps: B sequences with ``--context`` cached tokens each; the floor is (weight bytes + K/V bytes
 read) / copy bandwidth measured in the same run. Kernels per step are counted with torch.profiler.
 
+``--fused``: the decode steps are timed again after ``labkit.fused_ops.fuse_model`` (rows with ``fused: true``),
+kernels per step counted the same way. ``--decode-only``: only the decode steps (no trace, no transformers):
+``python -m labkit.bench engine --decode-only --batches 1,8 --fused --out /tmp/fused.json`` (about a minute).
+
 GPU: ``python -m labkit.bench engine``. CPU smoke run: ``python -m labkit.bench engine --quick --out /tmp/e.json``.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from labkit.config import LlamaConfig
 from labkit.engine import EngineConfig, LLMEngine, SamplingParams
+from labkit.fused_ops import fuse_model, is_fused
 from labkit.model import LlamaForCausalLM
 from labkit.traces import make_trace
 
@@ -46,6 +51,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batches", default="1,8,32,64,128")
     parser.add_argument("--context", type=int, default=1024, help="cached tokens per sequence in the decode steps")
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed per batch size")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time the decode steps with labkit.fused_ops (fused kernels, qkv / gate_up GEMVs)")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode steps: no trace, no transformers")
 
 
 def make_model(quick: bool, device, dtype, shape: dict | None = None):
@@ -239,7 +247,8 @@ def decode_rows(model, args, device, copy_gbps: float | None, weight_bytes: int 
             step_ms = float(np.median(times)) * 1e3
             kv_bytes = batch * (args.context + args.steps // 2) * kv_per_token
             floor = (weight_bytes + kv_bytes) / (copy_gbps * 1e9) * 1e3 if copy_gbps else None
-            rows.append({"batch": batch, "cuda_graphs": graphs and device.type == "cuda", "step_ms": step_ms,
+            rows.append({"batch": batch, "cuda_graphs": graphs and device.type == "cuda",
+                         "fused": is_fused(model), "step_ms": step_ms,
                          "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
                          "step_ms_p90": float(np.percentile(times, 90)) * 1e3,
                          "floor_ms": floor, "weight_bytes": weight_bytes, "kv_bytes_read": kv_bytes,
@@ -263,8 +272,11 @@ def run(args) -> dict:
         args.batches, args.context, args.steps = "1,4", 32, 3
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = make_model(args.quick, device, dtype)
-    requests = workload(args, model.config.vocab_size)
     copy_gbps = record.copy_bandwidth_gbps() if device.type == "cuda" else None
+    if args.decode_only:
+        return {"shapes": shapes(model, args, dtype), "copy_gbps": copy_gbps, "decode_steps": all_decode_rows(
+            model, args, device, copy_gbps)}
+    requests = workload(args, model.config.vocab_size)
     rows = []
     for eager in (False, True):
         blocks = kv_blocks_for(model, device, 0.5, 16, fallback=4096)
@@ -273,15 +285,32 @@ def run(args) -> dict:
     rows += hf_rows(model, requests, args, device)
     for r in rows[-2:]:
         print(r, flush=True)
-    steps = decode_rows(model, args, device, copy_gbps)
+    steps = all_decode_rows(model, args, device, copy_gbps)
     engine_tok_s = rows[0]["output_tok_s"]
     hf_batched = next(r for r in rows if r["impl"] == "hf_generate_batched")["output_tok_s"]
-    c = model.config
-    return {"shapes": {"model": "Llama-3.2-1B shape, random weights" if not args.quick else "tiny", "dtype": str(dtype),
-                       "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-                       "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-                       "head_dim": c.head_dim, "vocab_size": c.vocab_size, "trace": "sharegpt (labkit.traces), all at t=0",
-                       "num_requests": args.num_requests, "max_prompt": args.max_prompt, "max_output": args.max_output,
-                       "decode_context": args.context},
-            "copy_gbps": copy_gbps, "rows": rows, "decode_steps": steps,
+    return {"shapes": shapes(model, args, dtype), "copy_gbps": copy_gbps, "rows": rows, "decode_steps": steps,
             "checks": {"engine_vs_hf_batched": engine_tok_s / hf_batched}}
+
+
+def all_decode_rows(model, args, device, copy_gbps) -> list[dict]:
+    """The decode steps of ``model``; with ``--fused`` then again after fusing it (in place), each with its own
+    weight bytes (the same matrices, concatenated: the floor does not move)."""
+    rows = decode_rows(model, args, device, copy_gbps)
+    if args.fused:
+        rows += decode_rows(fuse_model(model), args, device, copy_gbps)
+        for r in rows:
+            print({k: r[k] for k in ("batch", "cuda_graphs", "fused", "step_ms", "kernels_per_step", "floor_ms")},
+                  flush=True)
+    return rows
+
+
+def shapes(model, args, dtype) -> dict:
+    c = model.config
+    out = {"model": "Llama-3.2-1B shape, random weights" if not args.quick else "tiny", "dtype": str(dtype),
+           "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+           "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+           "head_dim": c.head_dim, "vocab_size": c.vocab_size, "decode_context": args.context}
+    if not args.decode_only:
+        out.update(trace="sharegpt (labkit.traces), all at t=0", num_requests=args.num_requests,
+                   max_prompt=args.max_prompt, max_output=args.max_output)
+    return out

@@ -27,6 +27,9 @@ Checks, so that a broken kernel cannot produce a fast number (a failed check sto
     graph_tokens        greedy tokens of one prompt through the engine with CUDA graphs == with enforce_eager
                         (same kernels: any difference is a capture that replays stale state)
 
+``--fused``: labkit.fused_ops.fuse_model between building and quantising (qkv_proj / gate_up_proj are what gets
+quantised; ternary is refused: its per-tensor scales are not defined on the fused projections).
+
 GPU: ``python -m labkit.bench engine_quant`` (writes data/bench/engine_quant.json).
 CPU smoke run (tiny model, Triton interpreter): ``python -m labkit.bench engine_quant --quick --out /tmp/q.json``.
 """
@@ -37,6 +40,7 @@ import torch.nn as nn
 
 from labkit.bench.engine import LLAMA_1B, decode_rows, free_gpu_memory, make_model
 from labkit.engine import EngineConfig, LLMEngine, SamplingParams
+from labkit.fused_ops import check_fusable_scheme, fuse_model
 from labkit.quant import QuantLinear, get_scheme, quantize_model
 from labkit.ternary import LINEAR_NAMES, TernaryLinear, ternarise_model
 
@@ -48,6 +52,7 @@ QUICK = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_
 CHECK_SIZES = (1, 8, 64)  # tokens of one forward: the GEMV path (m = 1) and the GEMM path's two BLOCK_M tilings
 MAX_REL_ERR = 0.03  # of a layer's output: bf16 rounding gives ~4e-3, scales 10% off 0.1, a wrong layout ~1
 GRAPH_TOKENS = 8
+FUSED_NAMES = ("qkv_proj", "gate_up_proj")  # labkit.fused_ops's concatenated decoder linears
 TARGET = 2.5  # issue 16: int4 g128 decode at batch 1 against bf16's, on the GPU
 
 
@@ -62,6 +67,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--activations", default="bf16", choices=("bf16", "fp16"),
                         help="the model's dtype: the dense baseline's weights and every scheme's activations "
                              "(fp16 is what the int4 / int8 GEMVs' word-at-a-time PTX paths take)")
+    parser.add_argument("--fused", action="store_true", help="labkit.fused_ops.fuse_model before quantising")
 
 
 def _parse(args) -> tuple[list[str], list[int]]:
@@ -77,6 +83,9 @@ def _parse(args) -> tuple[list[str], list[int]]:
         raise ValueError(f"--batches {args.batches!r}: every batch must be >= 1")
     if args.lm_head != "bf16":
         get_scheme(args.lm_head)  # a clear ValueError for an unknown scheme before anything is built
+    if getattr(args, "fused", False):
+        for s in schemes:
+            check_fusable_scheme(s)
     return schemes, batches
 
 
@@ -123,7 +132,7 @@ def step_bytes(model: nn.Module) -> dict[str, int]:
             continue
         seen.add(t.data_ptr())
         owner = name.rsplit(".", 2)[-2]  # "model.layers.0.mlp.up_proj.qweight" -> "up_proj"
-        part = ("decoder_linears" if owner in LINEAR_NAMES else
+        part = ("decoder_linears" if owner in LINEAR_NAMES + FUSED_NAMES else
                 "lm_head" if name.startswith("lm_head.") or t is embed else "other")
         parts[part] += t.numel() * t.element_size()
     parts["total"] = sum(parts.values())
@@ -180,11 +189,15 @@ def run_scheme(scheme: str, args, device, dtype, copy_gbps, batches: list[int]) 
     shape = QUICK if args.quick else None
     # the CPU smoke run checks the kernels themselves (interpreter), then runs the engine on the torch reference:
     # the interpreter would take minutes over the steps, and CPU timings mean nothing anyway
-    model = apply_scheme(make_model(args.quick, device, dtype, shape), scheme, args.lm_head,
-                         "triton" if args.quick else "auto")
+    fused = getattr(args, "fused", False)
+    model = make_model(args.quick, device, dtype, shape)
+    if fused:  # before quantising: the fused projections are what gets quantised
+        fuse_model(model)  # "auto": the kernels on the GPU; the quick run's CPU engine takes their references
+    model = apply_scheme(model, scheme, args.lm_head, "triton" if args.quick else "auto")
     checks = {}
     if scheme not in DENSE:
-        dense = dequantised_copy(model, make_model(args.quick, device, dtype, shape))
+        twin = make_model(args.quick, device, dtype, shape)
+        dense = dequantised_copy(model, fuse_model(twin) if fused else twin)
         checks = check(model, dense, device)
         del dense
         free_gpu_memory()
@@ -203,7 +216,8 @@ def run_scheme(scheme: str, args, device, dtype, copy_gbps, batches: list[int]) 
     rows = decode_rows(model, args, device, copy_gbps, weight_bytes=parts["total"],
                        graph_modes=(True, False) if args.eager else (True,))
     for r in rows:
-        r.update(scheme=scheme, tok_s=r["batch"] / r["step_ms"] * 1e3, **{f"{k}_bytes": v for k, v in parts.items()})
+        r.update(scheme=scheme, fused=fused, tok_s=r["batch"] / r["step_ms"] * 1e3,
+                 **{f"{k}_bytes": v for k, v in parts.items()})
     del model
     free_gpu_memory()
     return rows, checks

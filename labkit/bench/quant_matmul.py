@@ -89,7 +89,8 @@ def _variant_configs(variant: str, m: int, n: int, k: int, group: int) -> list[d
     """One int4 kernel's candidates (empty where it does not apply to this m)."""
     half = group // 2
     if variant == "small_m" and 2 <= m <= 16:
-        cands = [default_config("int4", m, n, k, group)]
+        first = default_config("int4", m, n, k, group)
+        cands = [first] if first["path"] == "small_m" else []  # where the library's default is the GEMM
         for bn, nbytes, warps, stages, split_k, scale_tile in _SMALL_M:
             cfg = dict(path="small_m", BLOCK_N=bn, BLOCK_M=16, GROUPS=max(1, nbytes // half), num_warps=warps,
                        num_stages=stages, SCALE_TILE=scale_tile)

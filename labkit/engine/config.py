@@ -12,6 +12,8 @@
     chunked prefill  a prompt is fed in chunks under ``max_num_batched_tokens`` per step, beside the decodes
     batch_invariant  every reduction in a fixed order whatever the batch (labkit.batch_invariant): a request's
                    logits are bitwise the same alone or batched, chunked or not, at some cost in speed
+    fused_ops      fuse the model in place at construction (labkit.fused_ops): qkv / gate_up projections
+                   concatenated, RMSNorm + residual, SiLU * up and RoPE one kernel each: fewer launches a step
 
 Earlier notebooks are restricted configurations of the same engine (see :meth:`EngineConfig.preset`).
 """
@@ -45,6 +47,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     attention_backend: str = "auto"  # "auto": Triton kernels on a GPU, plain torch on the CPU; "triton"; "torch"
     batch_invariant: bool = False  # True: labkit.batch_invariant's ops and attention for every step
+    fused_ops: bool = False  # True: labkit.fused_ops.fuse_model(model) at construction (the model is changed)
 
     def __post_init__(self):
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -67,6 +70,11 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"EngineConfig.batch_invariant must be True or False, got {self.batch_invariant!r}")
+        if not isinstance(self.fused_ops, bool):
+            raise ValueError(f"EngineConfig.fused_ops must be True or False, got {self.fused_ops!r}")
+        if self.batch_invariant and self.fused_ops:
+            raise ValueError("batch_invariant=True swaps the unfused modules' forwards and has no fused kernels; "
+                             "set fused_ops=False with it")
         if self.batch_invariant and self.kv_cache_dtype != "auto":
             raise ValueError("batch_invariant=True has no quantised-KV attention; use kv_cache_dtype='auto'")
         if self.batching == "one-at-a-time":

@@ -7,6 +7,8 @@
                          decode-only steps on a GPU replay a CUDA graph captured for the batch-size bucket
         sample           one row of logits per sequence that is level with its tokens
 
+With ``EngineConfig(fused_ops=True)`` the runner fuses the model in place first (labkit.fused_ops.fuse_model;
+a model fused already is used as it is).
 With ``EngineConfig(batch_invariant=True)`` every forward (and every graph capture) runs inside
 ``labkit.batch_invariant.batch_invariant_mode(model)`` and the store attends batch-invariantly.
 
@@ -33,6 +35,11 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512
 
 class ModelRunner:
     def __init__(self, model, config: EngineConfig, max_model_len: int):
+        if config.fused_ops:
+            from labkit.fused_ops import fuse_model, is_fused
+
+            if not is_fused(model):
+                fuse_model(model)
         p = next(model.parameters())
         self.model, self.config, self.max_model_len = model, config, max_model_len
         self.device, self.dtype = p.device, p.dtype
