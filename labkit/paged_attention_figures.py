@@ -112,3 +112,41 @@ class BandwidthExplorer:
         self.out.clear_output(wait=True)
         with self.out:
             self.figure.show()
+
+
+def copy_share_figure(results: dict, source: str, dtype: str = "fp16") -> go.Figure:
+    """Bars per shape (batch x context): each implementation's best bandwidth as a share of the copy bandwidth."""
+    rows, copy_gbps = [r for r in shape_rows(results) if r["dtype"] == dtype], results["copy_gbps"]
+    shapes = _shapes(rows)
+    fig = go.Figure()
+    for impl in impls_in(rows):
+        best = {}
+        for r in rows:
+            if r["impl"] == impl:
+                best[(r["batch"], r["context"])] = max(best.get((r["batch"], r["context"]), 0.0), r["gbps"])
+        fig.add_bar(x=[f"{b} x {c}" for b, c in shapes], y=[100 * best[s] / copy_gbps if s in best else None
+                                                            for s in shapes], name=impl)
+    fig.add_hline(y=100, line_dash="dash", annotation_text="device-to-device copy")
+    fig.update_layout(title=f"Paged decode attention, {dtype}: % of the copy bandwidth · {source}", barmode="group",
+                      xaxis_title="batch x context (tokens)", yaxis_title="% of copy bandwidth", height=400)
+    return fig
+
+
+def split_k_sentences(results: dict, dtype: str = "fp16", new: str = "labkit_v4", old: str = "labkit_v3") -> list[str]:
+    """Per shape, ``new`` against ``old`` (ratio of their best bandwidths: > 1 means faster) and each as a share of the
+    copy bandwidth; then which split-K version ``auto`` runs in the recording."""
+    rows, copy_gbps = [r for r in shape_rows(results) if r["dtype"] == dtype], results["copy_gbps"]
+    out = []
+    for shape in _shapes(rows):
+        best = {}
+        for r in rows:
+            if (r["batch"], r["context"]) == shape and r["impl"] in (new, old):
+                best[r["impl"]] = max(best.get(r["impl"], 0.0), r["gbps"])
+        if len(best) == 2:
+            ratio = best[new] / best[old]
+            out.append(f"{shape[0]} x {shape[1]}: {new} moves {ratio:.2f}x {old}'s bytes per second "
+                       f"({'faster' if ratio > 1 else 'slower'}; {best[new] / copy_gbps:.0%} against "
+                       f"{best[old] / copy_gbps:.0%} of the copy bandwidth).")
+    if "split_k_version" in results:
+        out.append(f"In this recording version='auto' runs {results['split_k_version']} at small batch.")
+    return out
