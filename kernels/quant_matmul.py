@@ -64,8 +64,9 @@ Tricks, each a constexpr so the plain version stays next to it:
 - int4 at 2 <= m <= 16 (``path="small_m"``, the default there): the GEMM with A and B swapped, so the weight
   tile is the tensor core's big side; its own lesson is in :mod:`kernels.quant_matmul_small_m`.
   Measured (H200, data/bench/quant_matmul_words.json): PREFETCH = 2 bought nothing at m = 1 (1.74-2.01x fp16
-  cuBLAS against one step's 1.84-2.00x) and STAGES lost (0.52-0.72x; not profiled: its SASS was not recorded); swap-AB won only on the long-k down projection (4096 x 14336, m = 4 and 16), so the
-  default takes it only where k >= 2n.
+  cuBLAS against one step's 1.84-2.00x) and STAGES lost (0.52-0.72x; not profiled: its SASS was not
+  recorded); swap-AB won only on the long-k down projection (4096 x 14336, m = 4 and 16), so the default takes
+  it only where k >= 2n.
 - ``WORDS`` for int8 (``_int8_gemv_words_kernel``): the same idea for int8 weights. An int32 word is 4 weights
   and one int64 of x its 4 inputs; one PTX block a word (``_INT8_WORD_DOT_ASM``): XOR 0x80 on the word makes each
   byte q + 128 (1 LOP3 for 4 weights), PRMT puts two bytes under fp16's 0x64 exponent byte: 1024 + 128 + q exactly
