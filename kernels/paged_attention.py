@@ -25,9 +25,9 @@ What you will learn
   program has stored, then a release-acquire atomic) and *a workspace that resets itself* (the merging
   program sets its counter back to 0, so the counters are allocated once and reused, CUDA graphs included).
   Measured (H200, fp16, data/bench/paged_attention_v4.json): v4 is *slower* than v3, 0.90x at 1 x 65536 and
-  0.93x at 4 x 16384 (71-73 % of copy bandwidth against v3's 78-79 %), probably because the merge now waits for the slowest
-  partition inside the step and runs on a few programs, where v3's second launch spread it over the GPU. So
-  ``auto`` keeps v3 (SPLIT_K_VERSION); the lesson is that saving a launch is not free.
+  0.93x at 4 x 16384 (71-73 % of copy bandwidth against v3's 78-79 %), probably because the merge now waits
+  for the slowest partition inside the step and runs on a few programs, where v3's second launch spread it
+  over the GPU. So ``auto`` keeps v3 (SPLIT_K_VERSION); the lesson is that saving a launch is not free.
 
 The blocked algorithm (v2; v1 is the same with one query row, v3 and v4 run it over one partition)::
 

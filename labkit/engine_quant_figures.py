@@ -37,7 +37,8 @@ def speed_figure(bench: dict, source: str):
 
     rows = decode_rows(bench)
     dense = _dense(bench)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("decode tokens/s", f"speed-up over {dense} (dotted: floor ratio)"))
+    titles = ("decode tokens/s", f"speed-up over {dense} (dotted: floor ratio)")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
     for scheme in _schemes(rows):
         mine = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: r["batch"])
         colour = COLOURS.get(scheme)
@@ -46,7 +47,8 @@ def speed_figure(bench: dict, source: str):
                         line=dict(color=colour), legendgroup=scheme, row=1, col=1)
         if scheme == dense:
             continue
-        fig.add_scatter(x=batches, y=[r["ratio_to_dense"] for r in mine], name=f"{scheme} / {dense}", mode="lines+markers",
+        fig.add_scatter(x=batches, y=[r["ratio_to_dense"] for r in mine], name=f"{scheme} / {dense}",
+                        mode="lines+markers",
                         line=dict(color=colour), legendgroup=scheme, showlegend=False, row=1, col=2)
         if any(r["floor_ratio_to_dense"] for r in mine):
             fig.add_scatter(x=batches, y=[r["floor_ratio_to_dense"] for r in mine], name=f"{scheme} floor ratio",
