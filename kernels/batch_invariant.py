@@ -50,6 +50,7 @@ import labkit.device  # noqa: F401  (switches Triton to its interpreter when the
 import triton
 import triton.language as tl
 from kernels.prefill_attention import _check_inputs as _check_attention_inputs
+from kernels.fused_ops import rms_norm_ref  # noqa: F401  (labkit.model.RMSNorm's formula, this kernel's reference)
 from kernels.prefill_attention import paged_prefill_attention_ref
 
 # ONE launch config per dtype for every M: that is the whole trick. (fp32 tiles are smaller: registers.)
@@ -72,12 +73,6 @@ def matmul_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None:
         out = out + bias.double()
     return out.to(x.dtype)
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """labkit.model.RMSNorm's formula: normalise in float32, scale in the model's dtype."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None):

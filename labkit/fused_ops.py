@@ -154,15 +154,9 @@ def causal_lm_forward(self, input_ids: torch.Tensor, positions: torch.Tensor | N
                       logits_indices: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
     """LlamaForCausalLM.forward's contract (and checks), through the fused ops."""
     from labkit.kv_cache import NoCache
+    from labkit.model import checked_positions
 
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-    B, T = input_ids.shape
-    if positions is None:
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-    if validate and int(positions.max()) >= self.config.max_position_embeddings:
-        raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
-                         f"{self.config.max_position_embeddings} tokens; shorten the prompt or the generation.")
+    positions = checked_positions(self.config, input_ids, positions, validate)
     cache = NoCache() if cache is None else cache
     cos_sin = self.model.rotary_emb.cos_sin
     h, residual = self.model.embed_tokens(input_ids), None

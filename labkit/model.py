@@ -132,6 +132,23 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+def checked_positions(config: LlamaConfig, input_ids: torch.Tensor, positions: torch.Tensor | None,
+                      validate: bool) -> torch.Tensor:
+    """The forward's input contract: input_ids (B, T); positions default to 0..T-1 and (with ``validate``, a
+    host sync) must stay inside the model's context. Returns the positions (B, T)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if positions is None:
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+    if validate and int(positions.max()) >= config.max_position_embeddings:
+        raise ValueError(
+            f"position {int(positions.max())} is beyond the model's context of "
+            f"{config.max_position_embeddings} tokens; shorten the prompt or the generation."
+        )
+    return positions
+
+
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids (B, T), positions (B, T) or None, cache or None) -> logits (B, T, vocab)."""
 
@@ -149,16 +166,7 @@ class LlamaForCausalLM(nn.Module):
         """``logits_indices``: token positions (along T) whose logits are wanted; the LM head runs on those
         rows only (the engine's last token of each sequence). ``validate=False`` skips the context check,
         which reads ``positions`` back to the host (a sync the engine, having checked lengths, avoids)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if validate and int(positions.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond the model's context of "
-                f"{self.config.max_position_embeddings} tokens; shorten the prompt or the generation."
-            )
+        positions = checked_positions(self.config, input_ids, positions, validate)
         cache = NoCache() if cache is None else cache
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, h.dtype)

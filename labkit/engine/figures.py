@@ -10,14 +10,19 @@ IMPL_NAMES = {"labkit_engine": "labkit engine (CUDA graphs)", "labkit_engine_eag
               "hf_generate_batched": "transformers generate, padded batches"}
 
 
-def recorded_engine() -> tuple[dict | None, str]:
-    """The recorded benchmark and a line saying where it came from (or how to record it)."""
+def _recorded(name: str) -> tuple[dict | None, str]:
+    """data/bench/NAME.json and a line saying where it came from (or that it is not recorded yet)."""
     try:
-        data = load("engine")
+        data = load(name)
     except FileNotFoundError as e:
         return None, f"not recorded yet: {e}"
     p = data["provenance"]
     return data, f"recorded on {p['device']} ({p['date'][:10]}, torch {p['torch']}, triton {p['triton']}): {p['command']}"
+
+
+def recorded_engine() -> tuple[dict | None, str]:
+    """The recorded benchmark and a line saying where it came from (or how to record it)."""
+    return _recorded("engine")
 
 
 def decode_step_figure(data: dict) -> go.Figure:
@@ -53,12 +58,7 @@ def decode_step_figure(data: dict) -> go.Figure:
 
 def recorded_fused() -> tuple[dict | None, str]:
     """The decode steps with and without fused ops (``python -m labkit.bench engine --decode-only --fused``)."""
-    try:
-        data = load("engine_fused")
-    except FileNotFoundError as e:
-        return None, f"not recorded yet: {e}"
-    p = data["provenance"]
-    return data, f"recorded on {p['device']} ({p['date'][:10]}, torch {p['torch']}, triton {p['triton']}): {p['command']}"
+    return _recorded("engine_fused")
 
 
 def fused_sentences(data: dict) -> list[str]:
