@@ -81,24 +81,27 @@ def versions_figure(result: dict, source: str, comparisons=COMPARISONS):
                          "recording: record them with python -m labkit.bench quant_matmul --impls ...")
     rows = _rows(result)
     by = _by_key(rows)
-    fig = make_subplots(rows=1, cols=len(present), subplot_titles=[p[0] for p in present])
+    cols = min(2, len(present))  # two panels a row: four side by side leave their titles overlapping
+    grid = -(-len(present) // cols)
+    fig = make_subplots(rows=grid, cols=cols, subplot_titles=[p[0] for p in present], vertical_spacing=0.18)
     palette = ("#636efa", "#ef553b", "#00cc96")
-    for col, (_title, m, impls) in enumerate(present, start=1):
+    for i, (_title, m, impls) in enumerate(present):
+        row, col = i // cols + 1, i % cols + 1
         sp = speedups(rows, m=m, baseline=BASELINE)
         shapes = list(sp)
         labels = [f"{n}x{k}" for n, k in shapes]
         for colour, impl in zip(palette, impls):
             fig.add_bar(x=labels, y=[sp[s].get(impl) for s in shapes], name=impl, marker_color=colour,
-                        legendgroup=impl, row=1, col=col)
+                        legendgroup=impl, row=row, col=col)
         ideal = [_ideal(by, impls[0], m, n, k) for n, k in shapes]
         fig.add_scatter(x=labels, y=ideal, mode="markers", name="byte ideal (fp16 bytes / stored bytes)",
                         marker=dict(symbol="line-ew-open", size=28, color="black", line=dict(width=3)),
-                        legendgroup="ideal", showlegend=col == 1, row=1, col=col)
-        fig.add_hline(y=1.0, line_dash="dot", line_color="grey", row=1, col=col)
-        fig.update_xaxes(title_text="n x k", row=1, col=col)
-    fig.update_yaxes(title_text="× fp16 cuBLAS", row=1, col=1)
+                        legendgroup="ideal", showlegend=i == 0, row=row, col=col)
+        fig.add_hline(y=1.0, line_dash="dot", line_color="grey", row=row, col=col)
+        fig.update_xaxes(title_text="n x k", row=row, col=col)
+        fig.update_yaxes(title_text="× fp16 cuBLAS", row=row, col=col)
     fig.update_layout(title=f"The next versions, side by side: speed-up over fp16 cuBLAS · {source}",
-                      barmode="group", height=440)
+                      barmode="group", height=380 * grid)
     return fig
 
 
