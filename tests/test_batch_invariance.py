@@ -147,6 +147,7 @@ def test_kernels_refuse_bad_input():
 
 
 def test_the_figure_draws_a_quick_recording():
+    pytest.importorskip("plotly")  # not on the GPU machine
     from labkit.batch_invariant_figures import invariance_figure
 
     summary = dict(runs=2, distinct_completions=1, first_divergent_token=None, max_abs_logit_diff=0.0,

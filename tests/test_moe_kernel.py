@@ -1,4 +1,5 @@
-"""kernels/moe.py: alignment by expert and the grouped matmul, in Triton's interpreter, against per-expert loops."""
+"""kernels/moe.py: alignment by expert and the grouped matmul against per-expert loops (in Triton's interpreter on
+the CPU; on the GPU the inputs are drawn on the CPU and moved to it)."""
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ from kernels.moe import fused_moe, fused_moe_ref, moe_align_block_size
 from labkit.config import LlamaConfig
 from labkit.moe import SparseMoeBlock, route_token_choice, stacked_weights
 
+DEV = labkit.DEVICE
 BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # the smallest tl.dot a GPU compiles
 
 
@@ -42,8 +44,8 @@ def test_fused_moe_matches_loop(n, e, k, h, i):
     if n > 5:
         ids[2, 0] = -1  # a dropped pair contributes nothing
     ref = fused_moe_ref(x.double(), w13.double(), w2.double(), ids, weights.double())
-    got = fused_moe(x, w13, w2, ids, weights, blocks=BLOCKS)
-    assert (got.double() - ref).abs().max().item() < 1e-4
+    got = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), ids.to(DEV), weights.to(DEV), blocks=BLOCKS)
+    assert (got.cpu().double() - ref).abs().max().item() < 1e-4
 
 
 def test_fused_moe_equals_the_model_block():
@@ -57,7 +59,8 @@ def test_fused_moe_equals_the_model_block():
     w, ids = torch.topk(d.combine, 2, -1)
     w13, w2 = stacked_weights(block)
     with torch.no_grad():
-        assert (fused_moe(x, w13, w2, ids, w, blocks=BLOCKS) - block(x)).abs().max().item() < 1e-5
+        got = fused_moe(x.to(DEV), w13.to(DEV), w2.to(DEV), ids.to(DEV), w.to(DEV), blocks=BLOCKS)
+        assert (got.cpu() - block(x)).abs().max().item() < 1e-5
 
 
 def test_wrapper_errors_name_the_shapes():

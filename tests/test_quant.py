@@ -138,8 +138,8 @@ def test_int4_fmin_kernel_path_matches_reference(dtype, m, n, k):
     # w = q * scale + min with a free float minimum (Q4_1's grid): the zero-point kernel with zeros = 0 plus
     # the minima times the groups' input sums. Minima near -7.5 * scale make the two sums cancel, as real ones do.
     x, qweight, scales, _ = _int4_problem(torch.Generator().manual_seed(m + 3 * n + k), m, n, k, 32, dtype)
-    mins = (-7.5 * scales.float() + 0.1 * torch.randn(scales.shape, generator=torch.Generator().manual_seed(1),
-                                                      device=scales.device)).to(scales.dtype)
+    noise = torch.randn(scales.shape, generator=torch.Generator().manual_seed(1)).to(scales.device)  # CPU draw
+    mins = (-7.5 * scales.float() + 0.1 * noise).to(scales.dtype)
     ref = int4_fmin_matmul_ref(x, qweight, scales, mins, 32)
     for cfg in (gemv(GROUPS=2), gemv(WORDS=True, GROUPS=2), gemm(GROUPS=2), None):
         out = int4_fmin_matmul(x, qweight, scales, mins, 32, config=cfg)
@@ -473,3 +473,35 @@ def test_sass_loop_count_reads_both_branch_spellings():
 """
     assert loop_instructions(by_label) == 3
     assert loop_instructions("        /*0000*/                   EXIT ;") == 0
+
+
+@pytest.mark.timeout(30)
+def test_quant_profile_reads_ncu_csv_and_pairs_launches():
+    from labkit.bench.quant_profile import match, parse_ncu_csv, summarise
+
+    text = "\n".join([
+        "==PROF== Connected to process 1",
+        '"ID","Kernel Name","gpu__time_duration.sum","dram__bytes_read.sum","dram__bytes_write.sum",'
+        '"smsp__inst_executed.sum","smsp__thread_inst_executed_per_inst_executed.ratio",'
+        '"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",'
+        '"smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio"',
+        '"","","ns","byte","byte","inst","","inst","inst"',
+        '"0","gemv2T_kernel_val","20,000","33,554,432","8,192","1000","32","1.5","0.5"',
+        '"1","splitKreduce_kernel","2,000","0","0","10","32","0","0"',
+        '"2","elementwise_kernel","1,000","0","0","10","32","0","0"',
+        '"3","_int4_gemv_words_kernel","10,000","8,650,752","8,192","4096","32","7.25","2.0"',
+    ])
+    rows = parse_ncu_csv(text)
+    assert [r["Kernel Name"] for r in rows][0] == "gemv2T_kernel_val" and len(rows) == 4
+    manifest = [{"kernel": "fp16 cuBLAS", "n": 4096, "k": 4096, "pattern": None},
+                {"kernel": "int4 g128 WORDS", "n": 4096, "k": 4096, "pattern": "_int4_gemv_words_kernel"}]
+    pairs = match(manifest, rows)
+    assert [p[1]["ID"] for p in pairs] == ["0", "3"]
+    assert [r["ID"] for r in pairs[0][2]] == ["1", "2"] and pairs[1][2] == []  # cuBLAS keeps what precedes int4
+    s = summarise(pairs[1][1], 4096, 4096, copy_gbps=4000.0)
+    assert s["kernel_us"] == 10.0 and abs(s["dram_gbps"] - (8650752 + 8192) / 1e4) < 1e-6
+    assert abs(s["pct_of_copy"] - 100 * s["dram_gbps"] / 4000) < 1e-9
+    assert s["thread_instr_per_weight"] == 4096 * 32 / 4096**2
+    assert list(s["stalls"]) == ["long_scoreboard", "lg_throttle"]
+    with pytest.raises(RuntimeError, match="no ncu row for int4"):  # a launch missing from the profile
+        match(manifest, rows[:3])

@@ -22,6 +22,7 @@ GPU: ``python -m labkit.bench engine``. CPU smoke run: ``python -m labkit.bench 
 """
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -198,17 +199,41 @@ def hf_rows(model, requests, args, device) -> list[dict]:
     return rows
 
 
-def count_kernels(fn) -> tuple[int, int]:
-    """(GPU kernels run, host-side launch calls) of one call of ``fn`` under torch.profiler."""
+KERNEL_KINDS = (  # (kind, regex on the kernel's name), first match wins: where a step's GPU time goes
+    ("linear", r"gemv|gemm|_int8_|_int4_|ternary|cutlass|sm90_xmma|nvjet|splitK|matmul"),
+    ("attention", r"attention|flash|paged|sdpa|fmha"),
+    ("norm / rope / act", r"rms|norm|rope|rotary|silu|act_and_mul|fused_add"),
+    ("kv cache write", r"cache_write|reshape_and_cache"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def count_kernels(fn) -> tuple[int, int, dict]:
+    """(GPU kernels run, host-side launch calls, GPU time) of one call of ``fn`` under torch.profiler.
+
+    GPU time: ``busy_ms`` the kernels' summed durations, ``span_ms`` first kernel start to last kernel end (the
+    gaps between is what the GPU waited for: launches, the host), ``by_kind`` busy ms per KERNEL_KINDS."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    gpu = [e for e in prof.events() if e.device_type.name == "CUDA"]
     launches = sum(1 for e in prof.events() if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                                           "cuLaunchKernelEx", "cudaGraphLaunch"))
-    return kernels, launches
+    by_kind: dict[str, float] = {}
+    for e in gpu:
+        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.time_range.elapsed_us() / 1e3
+    timing = {"busy_ms": sum(by_kind.values()),
+              "span_ms": (max(e.time_range.end for e in gpu) - min(e.time_range.start for e in gpu)) / 1e3 if gpu else 0.0,
+              "by_kind": by_kind}
+    return len(gpu), launches, timing
 
 
 def decode_rows(model, args, device, copy_gbps: float | None, weight_bytes: int | None = None,
@@ -243,7 +268,7 @@ def decode_rows(model, args, device, copy_gbps: float | None, weight_bytes: int 
                 engine.step()
                 sync(device)
                 times.append(time.perf_counter() - t)
-            kernels, launches = count_kernels(engine.step) if device.type == "cuda" else (None, None)
+            kernels, launches, gpu_time = count_kernels(engine.step) if device.type == "cuda" else (None, None, None)
             step_ms = float(np.median(times)) * 1e3
             kv_bytes = batch * (args.context + args.steps // 2) * kv_per_token
             floor = (weight_bytes + kv_bytes) / (copy_gbps * 1e9) * 1e3 if copy_gbps else None
@@ -252,7 +277,7 @@ def decode_rows(model, args, device, copy_gbps: float | None, weight_bytes: int 
                          "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
                          "step_ms_p90": float(np.percentile(times, 90)) * 1e3,
                          "floor_ms": floor, "weight_bytes": weight_bytes, "kv_bytes_read": kv_bytes,
-                         "kernels_per_step": kernels, "launches_per_step": launches,
+                         "kernels_per_step": kernels, "launches_per_step": launches, "gpu_time": gpu_time,
                          "ratio_to_floor": step_ms / floor if floor else None})
             print(rows[-1], flush=True)
             del engine

@@ -203,6 +203,9 @@ def add_arguments(parser):
     parser.add_argument("--impls", default=None, help="comma-separated rows to run (default: all), e.g. "
                         "fp16_cublas,labkit_int4_g128,labkit_int4_g128_small_m")
     parser.add_argument("--quick", action="store_true", help="only the first shape (a smoke test)")
+    parser.add_argument("--shapes", default=None,
+                        help="NxK,... (out x in features) instead of Llama-3-8B's, e.g. the 1B engine's "
+                        "3072x2048,2048x2048,16384x2048,2048x8192")
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile the sweep's kernels in this many processes first (Triton's disk cache keeps them)")
     parser.add_argument("--sass", action="store_true",
@@ -229,13 +232,13 @@ def _warm(task) -> int:
     return failures
 
 
-def _precompile(batches, jobs: int, impls: list[str] | None = None) -> None:
+def _precompile(batches, jobs: int, impls: list[str] | None = None, shape=SHAPES[0]) -> None:
     import multiprocessing as mp
 
     names = (["labkit_int8", "labkit_int8_words", "labkit_ternary_words"] + [f"labkit_int4_g{g}" for g in GROUPS]
              + [f"labkit_int4_g128_{v}" for v in INT4_VARIANTS])
     names = [name for name in names if impls is None or name in impls]
-    tasks = [(name, m, SHAPES[0]) for m in batches for name in names]
+    tasks = [(name, m, shape) for m in batches for name in names]
     with mp.get_context("spawn").Pool(jobs) as pool:
         pool.map(_warm, tasks, chunksize=1)
 
@@ -369,13 +372,15 @@ def run(args) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, sweep, sass = [], [], []
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if getattr(args, "shapes", None):
+        shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(","))
     args.batches = [int(b) for part in args.batches for b in str(part).split(",") if b]
     only = args.impls.split(",") if getattr(args, "impls", None) else None  # notebook 08 passes a Namespace without it
     if args.sweep and args.jobs > 1:
         import time
 
         start = time.perf_counter()
-        _precompile(args.batches, args.jobs, only)
+        _precompile(args.batches, args.jobs, only, shapes[0])
         print(f"compiled the sweep's kernels in {args.jobs} processes: {time.perf_counter() - start:.0f} s", flush=True)
     for n, k in shapes:
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()

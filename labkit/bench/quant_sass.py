@@ -58,37 +58,56 @@ def _kernels(n: int, k: int):
     }
 
 
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
-_BRANCH_TARGET = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+|\.L_x_\d+)")
-_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_INSTRUCTION = re.compile(r"(?:/\*([0-9a-f]{4,})\*/\s+|^[0-9a-fA-F-]{2}:[^\t]*\t)(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+_BRANCH_TARGET = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+|\.L_x_\d+|\bLBB\w+)")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+|LBB\w+):")
 
 
-def loop_instructions(sass: str) -> int:
-    """Instructions in the largest loop body of SASS text: from a backward branch's target to the branch.
-
-    Handles both spellings of a branch target: an address (``BRA 0x1d0``, cuobjdump) or a label
-    (``BRA `(.L_x_3)``, nvdisasm / Triton's rewrite); instructions are the lines with an address comment."""
-    addrs, labels, branches = [], {}, []
+def _listing(sass: str) -> tuple[list[tuple[int | None, str, str]], dict[str, int]]:
+    """([(address or None, opcode, line)] of the instructions, {label: index of the next instruction})."""
+    instructions, labels = [], {}
     for line in sass.splitlines():
         label = _LABEL.match(line)
         if label:
-            labels[label.group(1)] = len(addrs)
+            labels[label.group(1)] = len(instructions)
             continue
         ins = _INSTRUCTION.search(line)
-        if not ins:
+        if ins:
+            instructions.append((int(ins.group(1), 16) if ins.group(1) else None, ins.group(3), line))
+    return instructions, labels
+
+
+def hottest_loop(sass: str) -> list[str]:
+    """The opcodes of the largest loop body of SASS text: from a backward branch's target to the branch.
+
+    Reads the three spellings seen: cuobjdump's (``/*0050*/ @P0 BRA 0x20 ;``), nvdisasm's labels
+    (``BRA `(.L_x_3)``) and Triton's ``asm["sass"]`` (``--:-:-:-:6<TAB>@!P0 BRA LBB1;`` with ``LBB1:`` lines)."""
+    instructions, labels = _listing(sass)
+    index = {a: i for i, (a, _, _) in enumerate(instructions) if a is not None}
+    best = (0, 0)
+    for at, (_, op, line) in enumerate(instructions):
+        target = _BRANCH_TARGET.search(line) if op.startswith("BRA") else None
+        if not target:
             continue
-        addrs.append(int(ins.group(1), 16))
-        if ins.group(3).startswith("BRA"):
-            target = _BRANCH_TARGET.search(line)
-            if target:
-                branches.append((len(addrs) - 1, target.group(1)))
-    index = {a: i for i, a in enumerate(addrs)}
-    body = 0
-    for at, target in branches:
-        start = labels.get(target) if target.startswith(".L") else index.get(int(target, 16))
-        if start is not None and start <= at:
-            body = max(body, at - start + 1)
-    return body
+        name = target.group(1)
+        start = index.get(int(name, 16)) if name.startswith("0x") else labels.get(name)
+        if start is not None and start <= at and at - start + 1 > best[1] - best[0]:
+            best = (start, at + 1)
+    return [op for _, op, _ in instructions[best[0]:best[1]]]
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions in the largest loop body of SASS text (see hottest_loop)."""
+    return len(hottest_loop(sass))
+
+
+def opcode_mix(ops: list[str]) -> dict[str, int]:
+    """{opcode family: count}, most frequent first: ``LDG.E.128.CONSTANT`` counts as LDG."""
+    mix: dict[str, int] = {}
+    for op in ops:
+        family = op.split(".")[0]
+        mix[family] = mix.get(family, 0) + 1
+    return dict(sorted(mix.items(), key=lambda kv: -kv[1]))
 
 
 def run(args) -> dict:
@@ -105,10 +124,11 @@ def run(args) -> dict:
         except Exception as e:  # cuobjdump missing, or a Triton without the lazy "sass" entry
             print(f"{name}: no SASS ({str(e)[:160]})")
             sass = ""
-        loop = loop_instructions(sass)
+        ops = hottest_loop(sass)
+        loop = len(ops)
         rows.append({"kernel": name, "config": cfg, "weights_per_thread_iteration": weights,
                      "loop_instructions": loop, "instructions_per_weight": loop / weights if loop else None,
-                     "sass": sass})
+                     "loop_mix": opcode_mix(ops), "sass": sass})
         print(f"{name:22s} {loop:5d} instructions / {weights:6.0f} weights = "
               f"{(loop / weights if loop else float('nan')):.2f} a weight  {cfg}", flush=True)
     return {"shapes": {"n": n, "k": k, "m": 1, "x": "fp16"}, "rows": rows}
