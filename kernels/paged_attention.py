@@ -455,7 +455,8 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens):
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}."
         )
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must have the same strides and a contiguous last dim; call .contiguous().")
+        raise ValueError("k_cache and v_cache must have the same strides and a contiguous last dim; "
+                         "call .contiguous().")
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim:
@@ -464,7 +465,8 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens):
         raise ValueError(f"head_dim must be a power of two >= 16 (tl.dot's minimum), got {head_dim}.")
     if num_q_heads % num_kv_heads:
         raise ValueError(
-            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads}) for grouped-query attention."
+            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads}) "
+            "for grouped-query attention."
         )
     if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(
@@ -573,7 +575,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, ver
 
     Returns (num_seqs, num_q_heads, head_dim) in q's dtype.
     """
-    num_seqs, num_q_heads, num_kv_heads, head_dim, block_size = _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    num_seqs, num_q_heads, num_kv_heads, head_dim, block_size = _check_inputs(q, k_cache, v_cache, block_tables,
+                                                                              seq_lens)
     if version == "auto":
         version = choose_version(num_seqs, num_kv_heads, _sm_count(q.device))
     if version not in ("v1", "v2", "v3", "v4"):

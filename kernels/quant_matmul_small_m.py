@@ -14,7 +14,7 @@ What you will learn
 - The output comes out transposed, ``acc[n, m]``: the store writes it to y[m, n] (a strided store of
   at most 16 x BLOCK_N values, nothing next to the K-long stream of W).
 
-Layout: :mod:`kernels.quant_matmul`'s packed int4 groups (its module docstring): the G/2 bytes of group g
+Layout: :mod:`kernels.quant_matmul_int4`'s packed int4 groups (its module docstring): the G/2 bytes of group g
 hold codes of k = gG + j in their low nibbles and k = gG + G/2 + j in their high nibbles, j < G/2.
 
 Blocked algorithm (one program per (BLOCK_N rows of W, BLOCK_M rows of x, split of k))::

@@ -134,7 +134,8 @@ def hf_model(model, device):
     hf_cfg = transformers.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
         rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings, rms_norm_eps=c.rms_norm_eps,
         pad_token_id=0)
     hf = transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=next(model.parameters()).dtype)
@@ -243,7 +244,8 @@ def decode_rows(model, args, device, copy_gbps: float | None, weight_bytes: int 
     c = model.config
     if weight_bytes is None:
         weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * next(model.parameters()).element_size()
+    kv_per_token = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+                    * next(model.parameters()).element_size())
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for graphs in graph_modes:

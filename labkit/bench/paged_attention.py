@@ -102,7 +102,8 @@ def make_flex_paged(inp: dict, compile: bool = True):
     # install our shuffled block table instead of PagedAttention.reserve()'s allocation order
     table = block_tables.long()
     paged.page_table[:, :blocks_per_seq] = table
-    paged.physical_to_logical.scatter_(1, table, torch.arange(blocks_per_seq, device=device).expand(batch, -1).contiguous())
+    paged.physical_to_logical.scatter_(1, table,
+                                       torch.arange(blocks_per_seq, device=device).expand(batch, -1).contiguous())
     paged.capacity[:] = blocks_per_seq * BLOCK_SIZE
     paged.empty_pages = []
     # flex's cache layout: (1, Hkv, num_blocks * block_size, D)
@@ -110,7 +111,8 @@ def make_flex_paged(inp: dict, compile: bool = True):
         c.permute(2, 0, 1, 3).reshape(1, NUM_KV_HEADS, num_blocks * BLOCK_SIZE, HEAD_DIM).contiguous()
         for c in (k_cache, inp["v_cache"])
     )
-    logical = create_block_mask(noop_mask, batch, 1, 1, blocks_per_seq * BLOCK_SIZE, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    logical = create_block_mask(noop_mask, batch, 1, 1, blocks_per_seq * BLOCK_SIZE, device=device,
+                                BLOCK_SIZE=BLOCK_SIZE)
     block_mask = paged.convert_logical_block_mask(logical)
     if compile:
         torch._dynamo.reset()  # a fresh compile per shape: past 8 recompiles dynamo would fall back to eager
@@ -122,7 +124,8 @@ def make_flex_paged(inp: dict, compile: bool = True):
 def reference(inp: dict) -> torch.Tensor:
     """fp32 reference output of the first CHECK_SEQS sequences (the reference loops in Python)."""
     n = CHECK_SEQS
-    q, k_cache, v_cache, block_tables, seq_lens = (inp[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens"))
+    q, k_cache, v_cache, block_tables, seq_lens = (inp[k]
+                                                   for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens"))
     return pa.paged_attention_ref(q[:n].float(), k_cache, v_cache, block_tables[:n], seq_lens[:n]).float()
 
 
@@ -217,7 +220,8 @@ def summarize(rows, copy_gbps) -> list[str]:
         if not labkit:
             continue
         best = max(labkit, key=lambda r: r["gbps"])
-        parts = [f"{k[0]} {k[1]}x{k[2]}: best {best['impl']} {best['gbps']:.0f} GB/s = {best['gbps'] / copy_gbps:.0%} of copy"]
+        parts = [f"{k[0]} {k[1]}x{k[2]}: best {best['impl']} {best['gbps']:.0f} GB/s = "
+                 f"{best['gbps'] / copy_gbps:.0%} of copy"]
         for other in ("sdpa_dense", "flex_paged"):
             if other in by:
                 parts.append(f"{best['gbps'] / by[other]['gbps']:.2f}x {other}")
