@@ -9,12 +9,14 @@ and fp16 cuBLAS, on the three Llama-3-8B shapes at m = 1, fp16 x:
                  are > 4x the L2, so every weight still comes from HBM): what a linear costs inside a decode step,
                  where the next kernel's launch is already queued and no cache clearing dirties the L2
     ncu          Nsight Compute on one call (its own replays, caches flushed, clocks left alone):
+      sm_clock_hz        the SMs' clock while it ran (left alone: whatever the card chose)
       kernel_us          the kernel alone (gpu__time_duration): graph_us - kernel_us is the launch and timing gap
       dram_gbps          bytes read + written in DRAM over kernel_us; pct_of_copy against the copy bandwidth
       occupancy          achieved warps a cycle over the SM's 64, and the theoretical maximum
       issue_active_pct   of cycles a scheduler issued an instruction
       thread_instr_per_weight   thread instructions executed over the n x k weights: the unpacking cost
       l1_pct / l2_pct    L1 and L2 throughput, of peak
+      dram_columns       ncu's raw DRAM counters, as it printed them
       stalls             per issued instruction, how many cycles warps spent waiting, by reason
                          (long_scoreboard: a load from memory; lg_throttle: the load queue full; ...)
 
@@ -44,6 +46,7 @@ SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "Sched
             "MemoryWorkloadAnalysis")
 METRICS = {  # recorded name -> ncu raw metric
     "kernel_ns": "gpu__time_duration.sum",
+    "sm_clock_hz": "sm__cycles_elapsed.avg.per_second",
     "dram_read_bytes": "dram__bytes_read.sum",
     "dram_write_bytes": "dram__bytes_write.sum",
     "dram_pct_of_peak": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
