@@ -505,3 +505,39 @@ def test_quant_profile_reads_ncu_csv_and_pairs_launches():
     assert list(s["stalls"]) == ["long_scoreboard", "lg_throttle"]
     with pytest.raises(RuntimeError, match="no ncu row for int4"):  # a launch missing from the profile
         match(manifest, rows[:3])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k,group", [(1, 24, 256, 128), (2, 13, 300, 64), (1, 40, 4096, 128)])
+def test_int4_interleaved_matches_reference(dtype, m, n, k, group):
+    # version 3: four rows' words side by side (one x load for four rows); ragged n (13: a partial block of 4),
+    # k padded to whole groups, steps that do not divide the groups (EVEN_G off), and on the GPU fp16 x through
+    # the PTX block with x broadcast over the rows
+    from kernels.quant_matmul_int4_interleaved import deinterleave_int4, int4_matmul_interleaved, interleave_int4
+
+    x, qweight, scales, zeros = _int4_problem(torch.Generator().manual_seed(m + n + k), m, n, k, group, dtype)
+    ref = int4_matmul_ref(x, qweight, scales, zeros, group)
+    words, s4, z4 = interleave_int4(qweight, scales, zeros)
+    assert words.shape == (-(-n // 4), qweight.shape[1] // 4, 4)
+    assert all(torch.equal(a, b) for a, b in zip(deinterleave_int4(words, s4, z4, n), (qweight, scales, zeros)))
+    for cfg in (None, dict(GROUPS=2), dict(BLOCKS=2, GROUPS=1, PREFETCH=False), dict(GROUPS=32, num_warps=8)):
+        out = int4_matmul_interleaved(x, words, s4, z4, n, group, config=cfg)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], f"{cfg}: {rel_err(out, ref):.2e}"
+
+
+@pytest.mark.timeout(30)
+def test_int4_interleaved_refuses_a_plain_layout_and_a_wrong_n():
+    from kernels.quant_matmul_int4_interleaved import int4_matmul_interleaved, interleave_int4
+
+    x, qweight, scales, zeros = _int4_problem(torch.Generator().manual_seed(0), 1, 8, 128, 128, torch.float32)
+    words, s4, z4 = interleave_int4(qweight, scales, zeros)
+    with pytest.raises(ValueError, match="interleave_int4"):
+        int4_matmul_interleaved(x, qweight.view(torch.int32), scales, zeros, 8, 128)
+    with pytest.raises(ValueError, match="n = 3"):
+        int4_matmul_interleaved(x, words, s4, z4, 3, 128)
+    with pytest.raises(ValueError, match="scales"):
+        int4_matmul_interleaved(x, words, scales, z4, 8, 128)
+    with pytest.raises(ValueError, match="k = 256"):
+        int4_matmul_interleaved(torch.randn(1, 256, device=x.device), words, s4, z4, 8, 128)

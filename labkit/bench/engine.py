@@ -219,7 +219,8 @@ def count_kernels(fn) -> tuple[int, int, dict]:
     """(GPU kernels run, host-side launch calls, GPU time) of one call of ``fn`` under torch.profiler.
 
     GPU time: ``busy_ms`` the kernels' summed durations, ``span_ms`` first kernel start to last kernel end (the
-    gaps between is what the GPU waited for: launches, the host), ``by_kind`` busy ms per KERNEL_KINDS."""
+    gaps between is what the GPU waited for: launches, the host; the profiler slows the launches, so this span is
+    longer than an unprofiled step), ``by_kind`` busy ms per KERNEL_KINDS."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -231,9 +232,8 @@ def count_kernels(fn) -> tuple[int, int, dict]:
     by_kind: dict[str, float] = {}
     for e in gpu:
         by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.time_range.elapsed_us() / 1e3
-    timing = {"busy_ms": sum(by_kind.values()),
-              "span_ms": (max(e.time_range.end for e in gpu) - min(e.time_range.start for e in gpu)) / 1e3 if gpu else 0.0,
-              "by_kind": by_kind}
+    span = (max(e.time_range.end for e in gpu) - min(e.time_range.start for e in gpu)) / 1e3 if gpu else 0.0
+    timing = {"busy_ms": sum(by_kind.values()), "span_ms": span, "by_kind": by_kind}
     return len(gpu), launches, timing
 
 

@@ -17,6 +17,8 @@ and the kernels drift toward compute; by m = 64 dequantisation work, not bytes, 
                                      small_m (swap-AB tl.dot, m 2-16) vs gemm (the tl.dot GEMM, m >= 2);
                                      prefetch2 (two steps of loads in flight) and stages (tl.range's
                                      pipeliner) vs the WORDS GEMV's one-step prefetch (m = 1)
+            labkit_int4_g128_interleaved  kernels.quant_matmul_int4_interleaved: four rows' words side by side, one
+                                     x load for four rows (m = 1 only)
             labkit_ternary           kernels.ternary.ternary_matmul (if present)
             labkit_ternary_words     kernels.ternary.ternary_matmul_words, the words layout (m = 1 only)
 
@@ -70,7 +72,10 @@ _INT8_WORDS = [(4, 1024, 4, 1), (4, 1024, 2, 1), (4, 512, 2, 1), (8, 512, 4, 1),
                (8, 1024, 4, 1), (4, 512, 1, 2)]
 _TERNARY_WORDS = [(4, 512, 4, 1), (4, 512, 2, 1), (4, 256, 2, 1), (8, 512, 4, 1), (2, 512, 2, 1), (4, 1024, 4, 1),
                   (8, 256, 2, 1), (4, 256, 1, 2)]
-WORDS_KINDS = ("int8_words", "ternary_words")  # decode kernels: timed at m = 1 only
+# int4 interleaved (m = 1): (BLOCKS of 4 rows, GROUPS a step, warps, PREFETCH)
+_INTERLEAVED = [(1, 16, 2, True), (1, 8, 2, True), (2, 16, 4, True), (2, 8, 4, True), (1, 32, 4, True),
+                (1, 32, 8, True), (2, 16, 8, True), (1, 16, 4, False), (1, 8, 1, True)]
+WORDS_KINDS = ("int8_words", "ternary_words", "int4_interleaved")  # decode kernels: timed at m = 1 only
 _GEMM = {1: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 16, 2, 2, 4), (16, 32, 4, 4, 3),
              (16, 64, 1, 4, 5), (16, 128, 1, 4, 4)],
          16: [(16, 32, 1, 4, 4), (16, 32, 2, 4, 4), (16, 64, 2, 4, 4), (16, 64, 1, 4, 4), (16, 128, 1, 4, 3)],
@@ -130,11 +135,18 @@ def _default(kind: str, m: int, n: int, k: int, group: int | None = None) -> dic
         from kernels.ternary import words_config
 
         return words_config(m, n, k)
+    if kind == "int4_interleaved":
+        from kernels.quant_matmul_int4_interleaved import DEFAULT_CONFIG
+
+        return dict(DEFAULT_CONFIG)
     return default_config(kind, m, n, k, group)
 
 
 def _words_candidates(kind: str, m: int, n: int, k: int) -> list[dict]:
     cands = [_default(kind, m, n, k)]
+    if kind == "int4_interleaved":
+        cands += [dict(BLOCKS=b, GROUPS=g, PREFETCH=p, num_warps=w) for b, g, w, p in _INTERLEAVED]
+        return [c for i, c in enumerate(cands) if c not in cands[:i]]
     for bn, nbytes, warps, split_k in (_INT8_WORDS if kind == "int8_words" else _TERNARY_WORDS):
         if kind == "int8_words":
             cfg = dict(path="gemv", WORDS=True, BLOCK_N=bn, BLOCK_K=nbytes, PREFETCH=True, num_warps=warps)
@@ -198,7 +210,8 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def add_arguments(parser):
-    parser.add_argument("--sweep", action="store_true", help="try several kernel configs per (shape, m), keep the fastest")
+    parser.add_argument("--sweep", action="store_true",
+                        help="try several kernel configs per (shape, m), keep the fastest")
     parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], help="e.g. 1,4,16 or 1 4 16")
     parser.add_argument("--impls", default=None, help="comma-separated rows to run (default: all), e.g. "
                         "fp16_cublas,labkit_int4_g128,labkit_int4_g128_small_m")
@@ -207,7 +220,8 @@ def add_arguments(parser):
                         help="NxK,... (out x in features) instead of Llama-3-8B's, e.g. the 1B engine's "
                         "3072x2048,2048x2048,16384x2048,2048x8192")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="compile the sweep's kernels in this many processes first (Triton's disk cache keeps them)")
+                        help="compile the sweep's kernels in this many processes first "
+                        "(Triton's disk cache keeps them)")
     parser.add_argument("--sass", action="store_true",
                         help="print SASS instructions a weight in the main loop of every labkit GEMV candidate")
 
@@ -235,7 +249,8 @@ def _warm(task) -> int:
 def _precompile(batches, jobs: int, impls: list[str] | None = None, shape=SHAPES[0]) -> None:
     import multiprocessing as mp
 
-    names = (["labkit_int8", "labkit_int8_words", "labkit_ternary_words"] + [f"labkit_int4_g{g}" for g in GROUPS]
+    names = (["labkit_int8", "labkit_int8_words", "labkit_ternary_words", "labkit_int4_g128_interleaved"]
+             + [f"labkit_int4_g{g}" for g in GROUPS]
              + [f"labkit_int4_g128_{v}" for v in INT4_VARIANTS])
     names = [name for name in names if impls is None or name in impls]
     tasks = [(name, m, shape) for m in batches for name in names]
@@ -244,7 +259,9 @@ def _precompile(batches, jobs: int, impls: list[str] | None = None, shape=SHAPES
 
 
 def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
-    """name -> (kind, stored bytes, callable(x, config) -> y, dequantised weight). ``only``: labkit kernels, one name."""
+    """name -> (kind, stored bytes, callable(x, config) -> y, dequantised weight).
+
+    ``only``: labkit kernels, one name."""
     if only is not None:
         if only in ("labkit_int8", "labkit_int8_words"):
             qt = quantize_tensor(w, "int8")
@@ -252,6 +269,8 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
                            lambda x, c: int8_matmul(x, qt.qweight, qt.scales, config=c), None)}
         if only == "labkit_ternary_words":
             return {only: _ternary_words_impl(w)[:3] + (None,)}
+        if only == "labkit_int4_g128_interleaved":
+            return {only: _interleaved_impl(w)[:3] + (None,)}
         qt = quantize_tensor(w, f"int4_g{_int4_name(only)[0]}")
         return {only: ("int4", qt.nbytes, lambda x, c: int4_matmul(x, qt.qweight, qt.scales, qt.zeros,
                                                                    qt.scheme.group_size, config=c), None)}
@@ -261,14 +280,16 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
             packed, sz, deq = _tinygemm_weight(w, group)
             nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
             impls[f"tinygemm_int4_g{group}"] = (
-                "dense", nbytes, lambda x, c, p=packed, s=sz, g=group: torch._weight_int4pack_mm(x.bfloat16(), p, g, s), deq)
+                "dense", nbytes,
+                lambda x, c, p=packed, s=sz, g=group: torch._weight_int4pack_mm(x.bfloat16(), p, g, s), deq)
         except (RuntimeError, AttributeError) as e:
             print(f"tinygemm_int4_g{group}: unavailable ({str(e)[:200]})")
     qt8 = quantize_tensor(w, "int8")
     try:
         torch._weight_int8pack_mm(torch.zeros(1, w.shape[1], device=w.device, dtype=w.dtype), qt8.qweight, qt8.scales)
         impls["torch_int8"] = ("dense", qt8.nbytes,
-                               lambda x, c: torch._weight_int8pack_mm(x, qt8.qweight, qt8.scales), dequantize(qt8, torch.float32))
+                               lambda x, c: torch._weight_int8pack_mm(x, qt8.qweight, qt8.scales),
+                               dequantize(qt8, torch.float32))
     except (RuntimeError, AttributeError) as e:
         print(f"torch_int8: unavailable ({str(e)[:200]})")
     impls["labkit_int8"] = ("int8", qt8.nbytes, lambda x, c: int8_matmul(x, qt8.qweight, qt8.scales, config=c),
@@ -282,6 +303,7 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
             dequantize(qt, torch.float32))
     for variant in INT4_VARIANTS:  # the same weight and call; only the candidate configs differ
         impls[f"labkit_int4_g128_{variant}"] = impls["labkit_int4_g128"]
+    impls["labkit_int4_g128_interleaved"] = _interleaved_impl(w)
     try:
         from kernels.ternary import pack_ternary, ternary_matmul
         from labkit.ternary import absmean_ternarise
@@ -295,6 +317,18 @@ def _implementations(w: torch.Tensor, only: str | None = None) -> dict:
     except ImportError as e:
         print(f"labkit_ternary: kernels/ternary.py not importable ({e})")
     return impls
+
+
+def _interleaved_impl(w: torch.Tensor):
+    """(kind, stored bytes, callable(x, config), dequantised weight) of int4 g128 v3 (four rows interleaved)."""
+    from kernels.quant_matmul_int4_interleaved import int4_matmul_interleaved, interleave_int4
+
+    qt = quantize_tensor(w, "int4_g128")
+    words, scales, zeros = interleave_int4(qt.qweight, qt.scales, qt.zeros)
+    n = w.shape[0]
+    return ("int4_interleaved", qt.nbytes,
+            lambda x, c: int4_matmul_interleaved(x, words, scales, zeros, n, 128, config=c),
+            dequantize(qt, torch.float32))
 
 
 def _ternary_words_impl(w: torch.Tensor):
@@ -312,11 +346,14 @@ def _ternary_words_impl(w: torch.Tensor):
 def _word_kernels() -> dict:
     """kind -> (the Triton kernel its GEMV runs, weights one program handles per loop iteration given a config)."""
     from kernels import quant_matmul as qm
+    from kernels import quant_matmul_int4_interleaved as interleaved
     from kernels import ternary
 
     return {"int8": (qm._int8_gemv_kernel, lambda c, g: c["BLOCK_N"] * c["BLOCK_K"]),
             "int8_words": (qm._int8_gemv_words_kernel, lambda c, g: c["BLOCK_N"] * c["BLOCK_K"]),
             "ternary_words": (ternary._ternary_gemv_words_kernel, lambda c, g: c["BLOCK_N"] * c["BLOCK_KB"] * 4),
+            "int4_interleaved": (interleaved._int4_gemv_interleaved_kernel,
+                                 lambda c, g: c["BLOCKS"] * 4 * c["GROUPS"] * 128),
             "int4": (qm._int4_gemv_words_kernel, lambda c, g: c["BLOCK_N"] * c["GROUPS"] * g)}
 
 
@@ -414,7 +451,8 @@ def run(args) -> dict:
                         sweep.append({"impl": name, "m": m, "n": n, "k": k, "config": cfg, "error": repr(e)[:300]})
                         continue
                     if len(cands) > 1:
-                        sweep.append({"impl": name, "m": m, "n": n, "k": k, "config": cfg, "median_ms": ms, "rel_err": err})
+                        sweep.append({"impl": name, "m": m, "n": n, "k": k, "config": cfg, "median_ms": ms,
+                                      "rel_err": err})
                     if err < 2e-2 and (best is None or (ms or 0) < best[0]):
                         best = (ms or 0, cfg, err)
                     elif err >= 2e-2:
@@ -434,7 +472,8 @@ def run(args) -> dict:
     for line in summary(rows):
         print(line)
     return {"shapes": {"nk": [list(s) for s in shapes], "batches": list(args.batches), "dtype": "float16",
-                       "activations": "fp16 (tinygemm: bf16)", "timing": "CUDA-graph replay, do_bench median, L2 cleared before every call"},
+                       "activations": "fp16 (tinygemm: bf16)",
+                       "timing": "CUDA-graph replay, do_bench median, L2 cleared before every call"},
             "copy_gbps": record.copy_bandwidth_gbps(), "rows": rows, "sweep": sweep, **({"sass": sass} if sass else {})}
 
 

@@ -281,7 +281,8 @@ def _profile(rows: list[dict], copy_gbps: float, shapes) -> None:
         row["ncu_kernels"] = [r.get("Kernel Name", "")[:80] for r in [main, *extras]]
         p = row["ncu"]
         print(f"{entry['kernel']:22s} {entry['n']:5d}x{entry['k']:5d}  kernel {p['kernel_us'] or 0:6.1f} us  "
-              f"{p['pct_of_copy'] or 0:4.0f}% copy (dram), {p['stored_pct_of_copy'] or 0:4.0f}% (stored bytes)  occ {p['occupancy_achieved_pct'] or 0:4.0f}/"
+              f"{p['pct_of_copy'] or 0:4.0f}% copy (dram), {p['stored_pct_of_copy'] or 0:4.0f}% (stored bytes)  "
+              f"occ {p['occupancy_achieved_pct'] or 0:4.0f}/"
               f"{p['occupancy_theoretical_pct'] or 0:.0f}%  issue {p['issue_active_pct'] or 0:4.0f}%  "
               f"{p['thread_instr_per_weight'] or 0:.2f} instr/weight  stalls {list(p['stalls'].items())[:3]}",
               flush=True)

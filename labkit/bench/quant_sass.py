@@ -23,6 +23,7 @@ SHAPE = (4096, 14336)  # (n, k): Llama-3-8B's down projection
 def _kernels(n: int, k: int):
     """name -> (jit function, launch callable(x), weights one thread handles per loop iteration)."""
     from kernels import quant_matmul as qm
+    from kernels import quant_matmul_int4_interleaved as interleaved
     from kernels import ternary
     from labkit.quant import quantize_tensor
     from labkit.ternary import absmean_ternarise
@@ -36,13 +37,16 @@ def _kernels(n: int, k: int):
     int8_words = qm.default_config("int8", 1, n, k)
     int4_fp32 = dict(path="gemv", BLOCK_N=4, GROUPS=4, MAGIC=True, PREFETCH=True, num_warps=2)
     int4_words = qm.default_config("int4", 1, n, k, 128)
+    int4_inter = dict(interleaved.DEFAULT_CONFIG)
+    words4, s4, z4 = interleaved.interleave_int4(q4.qweight, q4.scales, q4.zeros)
     tern_v1 = ternary._config(1, n, k)
     tern_words = ternary.words_config(1, n, k)
     per_thread = lambda cfg, weights: weights / (32 * cfg.get("num_warps", 4))  # noqa: E731
     return {
         "int8 fp32 GEMV": (qm._int8_gemv_kernel, lambda x: qm.int8_matmul(x, q8.qweight, q8.scales, config=int8_fp32),
                            per_thread(int8_fp32, int8_fp32["BLOCK_N"] * int8_fp32["BLOCK_K"]), int8_fp32),
-        "int8 WORDS": (qm._int8_gemv_words_kernel, lambda x: qm.int8_matmul(x, q8.qweight, q8.scales, config=int8_words),
+        "int8 WORDS": (qm._int8_gemv_words_kernel,
+                       lambda x: qm.int8_matmul(x, q8.qweight, q8.scales, config=int8_words),
                        per_thread(int8_words, int8_words["BLOCK_N"] * int8_words["BLOCK_K"]), int8_words),
         "int4 g128 fp32 GEMV": (qm._int4_gemv_kernel,
                                 lambda x: qm.int4_matmul(x, q4.qweight, q4.scales, q4.zeros, 128, config=int4_fp32),
@@ -50,6 +54,11 @@ def _kernels(n: int, k: int):
         "int4 g128 WORDS": (qm._int4_gemv_words_kernel,
                             lambda x: qm.int4_matmul(x, q4.qweight, q4.scales, q4.zeros, 128, config=int4_words),
                             per_thread(int4_words, int4_words["BLOCK_N"] * int4_words["GROUPS"] * 128), int4_words),
+        "int4 g128 interleaved": (interleaved._int4_gemv_interleaved_kernel,
+                                  lambda x: interleaved.int4_matmul_interleaved(x, words4, s4, z4, n, 128,
+                                                                                config=int4_inter),
+                                  per_thread(int4_inter, int4_inter["BLOCKS"] * 4 * int4_inter["GROUPS"] * 128),
+                                  int4_inter),
         "ternary v1": (ternary._ternary_matmul_kernel, lambda x: ternary.ternary_matmul(x, packed, scale),
                        per_thread(tern_v1, tern_v1["BLOCK_N"] * tern_v1["BLOCK_KB"] * 4), tern_v1),
         "ternary words": (ternary._ternary_gemv_words_kernel,
