@@ -64,7 +64,8 @@ METRICS = {  # recorded name -> ncu raw metric
     "l1_pct": "l1tex__throughput.avg.pct_of_peak_sustained_active",
     "l2_pct": "lts__throughput.avg.pct_of_peak_sustained_elapsed",
 }
-EXTRA_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum")  # asked for by name; dropped if ncu refuses them
+EXTRA_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "sm__cycles_elapsed.avg.per_second",
+                 "sm__cycles_elapsed.avg")  # asked for by name; dropped if ncu refuses them
 _STALL = re.compile(r"^smsp__average_warps?_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 
 
@@ -198,6 +199,9 @@ def summarise(row: dict, n: int, k: int, copy_gbps: float | None) -> dict:
             stalls[found.group(1)] = _number(value)
     out["stalls"] = dict(sorted(stalls.items(), key=lambda kv: -kv[1])[:8])
     out["dram_columns"] = {col: value for col, value in row.items() if col.startswith(("dram__", "gpu__dram"))}
+    cycles = _number(row.get("sm__cycles_elapsed.avg", ""))
+    if out["sm_clock_hz"] is None and cycles and out["kernel_ns"]:  # the clock from cycles over time
+        out["sm_clock_hz"] = cycles / out["kernel_ns"] * 1e9
     ns = out["kernel_ns"]
     moved = (out["dram_read_bytes"] or 0) + (out["dram_write_bytes"] or 0)
     out["kernel_us"] = ns / 1e3 if ns else None
