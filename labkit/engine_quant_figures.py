@@ -7,10 +7,14 @@ import json
 import pathlib
 import re
 
-__all__ = ["activation_sentences", "decode_rows", "recorded_source", "recordings", "speed_figure", "speed_sentences",
-           "step_sentences"]
+__all__ = ["activation_sentences", "breakdown_sentences", "decode_rows", "recorded_source", "recordings",
+           "speed_figure", "speed_sentences", "step_breakdown_figure", "step_sentences"]
 
 COLOURS = {"bf16": "#636efa", "fp16": "#636efa", "int8": "#ef553b", "int4_g128": "#00cc96", "ternary": "#ab63fa"}
+KINDS = ("linear", "attention", "norm / rope / act", "kv cache write", "other")  # engine_quant's gpu_time.by_kind
+IDLE = "GPU idle (host, gaps)"
+KIND_COLOURS = {"linear": "#00cc96", "attention": "#636efa", "norm / rope / act": "#ffa15a",
+                "kv cache write": "#ab63fa", "other": "#b6b6b6", IDLE: "#eeeeee"}
 
 
 def decode_rows(bench: dict) -> list[dict]:
@@ -86,12 +90,12 @@ def speed_sentences(bench: dict) -> list[str]:
     return out
 
 
-def recordings(directory: pathlib.Path | None = None) -> list[tuple[str, dict]]:
-    """(file name, recording) for every ``engine_quant*.json`` in ``directory`` (default data/bench/), sorted by
-    name; an empty list when none has been recorded."""
+def recordings(directory: pathlib.Path | None = None, pattern: str = "engine_quant*.json") -> list[tuple[str, dict]]:
+    """(file name, recording) for every file matching ``pattern`` (default ``engine_quant*.json``) in ``directory``
+    (default data/bench/), sorted by name; an empty list when none has been recorded."""
     if directory is None:
         from labkit.bench import BENCH_DIR as directory
-    return [(p.name, json.loads(p.read_text())) for p in sorted(pathlib.Path(directory).glob("engine_quant*.json"))]
+    return [(p.name, json.loads(p.read_text())) for p in sorted(pathlib.Path(directory).glob(pattern))]
 
 
 def recorded_source(bench: dict) -> str:
@@ -126,3 +130,71 @@ def activation_sentences(recorded: list[tuple[str, dict]], scheme: str = "int4_g
         if first is not None and first["ratio_to_dense"] is not None:
             parts.append(f"{first['ratio_to_dense']:.2f}x {_dense(bench)} with {_dense(bench)} activations ({name})")
     return [f"{scheme} at batch 1: " + "; ".join(parts) + "."] if parts else []
+
+
+def _profiled_rows(bench: dict) -> list[dict]:
+    """The decode rows with a step's GPU time by kernel kind (recordings before it have none: skipped)."""
+    return [r for r in decode_rows(bench) if r.get("gpu_time") and r["gpu_time"].get("by_kind")]
+
+
+def _kinds(rows: list[dict]) -> list[str]:
+    recorded = {kind for r in rows for kind in r["gpu_time"]["by_kind"]}
+    return [k for k in KINDS if k in recorded] + sorted(recorded - set(KINDS))
+
+
+def step_breakdown_figure(bench: dict, source: str):
+    """Stacked bars per (batch, scheme): one decode step's kernel time by kind (summed kernel durations under
+    torch.profiler) and the rest of its wall time, when the GPU ran no kernel (host work, launch gaps); each bar's
+    height is the step's wall time, step_ms."""
+    import plotly.graph_objects as go
+
+    rows = sorted(_profiled_rows(bench), key=lambda r: r["batch"])
+    if not rows:
+        raise ValueError("no row of this recording has gpu_time: record it again with python -m labkit.bench "
+                         "engine_quant (it profiles one step per scheme and batch)")
+    x = [[f"batch {r['batch']}" for r in rows], [r["scheme"] for r in rows]]
+    fig = go.Figure()
+    for kind in _kinds(rows):
+        fig.add_bar(x=x, y=[r["gpu_time"]["by_kind"].get(kind, 0.0) for r in rows], name=kind,
+                    marker_color=KIND_COLOURS.get(kind))
+    fig.add_bar(x=x, y=[r["step_ms"] - r["gpu_time"]["busy_ms"] for r in rows], name=IDLE,
+                marker_color=KIND_COLOURS[IDLE], marker_line=dict(color="#999999", width=1))
+    fig.update_layout(barmode="stack", height=440, yaxis_title="ms a decode step",
+                      title=f"Where a decode step's time goes: {bench['shapes']['model']}, LM head "
+                            f"{bench['shapes'].get('lm_head', '?')}<br><sub>{source}</sub>")
+    return fig
+
+
+def breakdown_sentences(bench: dict) -> list[str]:
+    """At the smallest batch: the dense step by kernel kind and idle time; then for each quantised scheme how much
+    its linear kernels shrank, how much of the step did not, and what the step gained (and, at the largest batch,
+    its linears against the dense ones). Every number read from ``bench``."""
+    rows = _profiled_rows(bench)
+    by = {(r["scheme"], r["batch"]): r for r in rows}
+    dense = _dense(bench)
+    batches = sorted({r["batch"] for r in rows})
+    if not batches or (dense, batches[0]) not in by:
+        return []
+    lo, hi = batches[0], batches[-1]
+    base = by[(dense, lo)]
+    step, busy, by_kind = base["step_ms"], base["gpu_time"]["busy_ms"], base["gpu_time"]["by_kind"]
+    kinds = ", ".join(f"{kind} {by_kind[kind]:.2f}" for kind in _kinds([base]))
+    out = [f"{dense} at batch {lo}: a step of {step:.2f} ms, kernels running {busy:.2f} ms of it ({kinds} ms) and the "
+           f"GPU idle {step - busy:.2f} ms; with its linears free the step would be at most "
+           f"{step / (step - by_kind['linear']):.2f}x faster."]
+    for scheme in _schemes(rows):
+        mine = by.get((scheme, lo))
+        if scheme == dense or mine is None:
+            continue
+        linear, dense_linear = mine["gpu_time"]["by_kind"]["linear"], base["gpu_time"]["by_kind"]["linear"]
+        text = (f"{scheme} at batch {lo}: linear kernels {linear:.2f} ms ({dense_linear / linear:.2f}x faster than "
+                f"{dense}'s {dense_linear:.2f}), the rest of the step {mine['step_ms'] - linear:.2f} ms ({dense}: "
+                f"{base['step_ms'] - dense_linear:.2f}); the step {base['step_ms'] / mine['step_ms']:.2f}x faster")
+        if mine.get("floor_ratio_to_dense"):
+            text += f", where its bytes allow {mine['floor_ratio_to_dense']:.2f}x"
+        top, top_dense = by.get((scheme, hi)), by.get((dense, hi))
+        if hi != lo and top and top_dense:
+            text += (f"; at batch {hi} its linears take {top['gpu_time']['by_kind']['linear']:.2f} ms against "
+                     f"{dense}'s {top_dense['gpu_time']['by_kind']['linear']:.2f}")
+        out.append(text + ".")
+    return out

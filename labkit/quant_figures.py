@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from labkit.bench.quant_matmul import speedups
 
-__all__ = ["COMPARISONS", "TARGETS", "comparisons_with", "versions_figure", "version_sentences", "target_sentences"]
+__all__ = ["COMPARISONS", "TARGETS", "comparisons_with", "span", "versions_figure", "version_sentences",
+           "target_sentences"]
 
 BASELINE = "fp16_cublas"
 
@@ -105,14 +106,15 @@ def versions_figure(result: dict, source: str, comparisons=COMPARISONS):
     return fig
 
 
-def _span(values: list[float], fmt: str) -> str:
+def span(values: list[float], fmt: str) -> str:
+    """The range of ``values`` as "lo-hi", each end formatted with ``fmt``; one value when both ends print alike."""
     lo, hi = min(values), max(values)
     return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{format(lo, fmt)}-{format(hi, fmt)}"
 
 
 def _copy_share(by: dict, impl: str, m: int, shapes: list, copy_gbps: float) -> str:
     shares = [100 * by[(impl, m, n, k)]["gbps"] / copy_gbps for n, k in shapes]
-    return f"{_span(shares, '.0f')}% of the copy bandwidth"
+    return f"{span(shares, '.0f')}% of the copy bandwidth"
 
 
 def version_sentences(result: dict, comparisons=COMPARISONS) -> list[str]:
@@ -127,14 +129,14 @@ def version_sentences(result: dict, comparisons=COMPARISONS) -> list[str]:
         parts = []
         for impl in impls:
             shapes = [s for s in sp if impl in sp[s]]
-            text = f"{impl} {_span([sp[s][impl] for s in shapes], '.2f')}x"
+            text = f"{impl} {span([sp[s][impl] for s in shapes], '.2f')}x"
             if copy_gbps:
                 text += f" ({_copy_share(by, impl, m, shapes, copy_gbps)})"
             parts.append(text)
         ideals = [x for x in (_ideal(by, impls[0], m, n, k) for n, k in sp) if x is not None]
         sentence = f"m = {m}, speed-up over fp16 cuBLAS across the {len(sp)} shapes: " + ", ".join(parts)
         if ideals:
-            sentence += f"; the bytes allow {_span(ideals, '.2f')}x"
+            sentence += f"; the bytes allow {span(ideals, '.2f')}x"
         if copy_gbps:
             sentence += f"; fp16 cuBLAS itself runs at {_copy_share(by, BASELINE, m, list(sp), copy_gbps)}"
         out.append(sentence + ".")
@@ -152,6 +154,6 @@ def target_sentences(result: dict, targets=TARGETS) -> list[str]:
         if not best:
             continue
         met = sum(b >= wanted for b in best)
-        out.append(f"{name} at m = {m}: best version {_span(best, '.2f')}x fp16 cuBLAS; target {wanted}x met on "
+        out.append(f"{name} at m = {m}: best version {span(best, '.2f')}x fp16 cuBLAS; target {wanted}x met on "
                    f"{met} of {len(best)} shapes.")
     return out
