@@ -84,8 +84,11 @@ def affordable_instructions(recording: dict, row: dict, clock_hz: float) -> floa
     return ISSUE_PER_SM_CLOCK / weights_per_clock
 
 
+NOT_WAITING = ("selected",)  # ncu's "selected": the cycle a warp issues (1 an instruction), not a wait
+
+
 def _top_stall(ncu: dict) -> tuple[str, float] | None:
-    stalls = ncu.get("stalls") or {}
+    stalls = {k: v for k, v in (ncu.get("stalls") or {}).items() if k not in NOT_WAITING}
     return max(stalls.items(), key=lambda kv: kv[1]) if stalls else None
 
 
@@ -195,6 +198,9 @@ def profile_sentences(recording: dict, kernels=None) -> list[str]:
                 f"DRAM at {span([c['pct_of_copy'] for c in mine], '.0f')}% of the copy bandwidth, schedulers issuing "
                 f"{span([c['issue_active_pct'] for c in mine], '.0f')}% of cycles, occupancy "
                 f"{span([c['occupancy_achieved_pct'] for c in mine], '.0f')}%")
+        waves = [c["waves_per_sm"] for c in mine if c.get("waves_per_sm") is not None]
+        if waves:  # the grid over what the GPU holds at once: under 1, part of the GPU has no program at all
+            text += f" in {span(waves, '.2f')} waves"
         tops = Counter(_top_stall(c)[0] for c in mine if _top_stall(c))
         if tops:
             reason, count = tops.most_common(1)[0]
@@ -251,7 +257,8 @@ def timing_figure(recording: dict, kernels=None):
         fig.update_yaxes(title_text="× fp16 cuBLAS", row=row, col=col)
     fig.update_xaxes(tickangle=-35)
     fig.update_layout(barmode="group", height=430 * grid,
-                      title=f"Speed-up over fp16 cuBLAS at m = 1: alone, in a stream, kernel only<br><sub>"
+                      title=f"Speed-up over fp16 cuBLAS at m = {recording['shapes'].get('m', 1)}: alone, in a stream, "
+                            f"kernel only<br><sub>"
                             f"{recorded_source(recording)}</sub>")
     return fig
 

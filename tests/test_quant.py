@@ -541,3 +541,19 @@ def test_int4_interleaved_refuses_a_plain_layout_and_a_wrong_n():
         int4_matmul_interleaved(x, words, scales, z4, 8, 128)
     with pytest.raises(ValueError, match="k = 256"):
         int4_matmul_interleaved(torch.randn(1, 256, device=x.device), words, s4, z4, 8, 128)
+
+
+@pytest.mark.timeout(30)
+def test_quant_profile_takes_cublas_longest_kernel_as_its_own():
+    # cuBLAS at m = 16 runs a split-k GEMM and its reduction, and a split-k labkit launch leaves torch's sum behind
+    # it: the cuBLAS entry's own row is the longest of the rows before the next entry's kernel
+    from labkit.bench.quant_profile import match
+
+    rows = [{"Kernel Name": name, "gpu__time_duration.sum": ns} for name, ns in
+            (("at::reduce_kernel", "1,500"), ("nvjet_splitK_TNT", "30,000"), ("splitKreduce_kernel", "2,000"),
+             ("_int8_gemm_kernel", "20,000"))]
+    manifest = [{"kernel": "fp16 cuBLAS", "n": 1, "k": 1, "pattern": None},
+                {"kernel": "int8 GEMM", "n": 1, "k": 1, "pattern": "_int8_gemm_kernel"}]
+    (_, cublas, extras), (_, int8, _) = match(manifest, rows)
+    assert cublas["Kernel Name"] == "nvjet_splitK_TNT" and len(extras) == 2
+    assert int8["Kernel Name"] == "_int8_gemm_kernel"

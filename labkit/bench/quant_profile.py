@@ -20,7 +20,8 @@ and fp16 cuBLAS, on the three Llama-3-8B shapes at m = 1, fp16 x:
       stalls             per issued instruction, how many cycles warps spent waiting, by reason
                          (long_scoreboard: a load from memory; lg_throttle: the load queue full; ...)
 
-GPU: ``python -m labkit.bench quant_profile`` (needs ``ncu`` on the PATH or Nsight Compute under /opt/nvidia).
+``--m 16``: the same for the tensor-core kernels of small batches (int8 and int4 GEMM, int4 swap-AB), where issue 16's
+m = 16 target is set. GPU: ``python -m labkit.bench quant_profile`` (needs ``ncu`` on the PATH or Nsight Compute under /opt/nvidia).
 The profiled child is this module with ``--child``; it writes which kernel each launch was.
 """
 from __future__ import annotations
@@ -69,15 +70,37 @@ EXTRA_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "sm__cycles_el
 _STALL = re.compile(r"^smsp__average_warps?_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 
 
-def kernels(n: int, k: int) -> dict:
-    """name -> (launch callable(x), kernel-name regex, config): quant_sass's GEMVs and fp16 cuBLAS, one shape."""
-    from labkit.bench.quant_sass import _kernels
-
+def kernels(n: int, k: int, m: int = 1) -> dict:
+    """name -> (launch callable(x), kernel-name regex, config), one shape: at m = 1 quant_sass's GEMVs, at m > 1
+    the tensor-core kernels (int8 and int4 GEMM, int4 swap-AB); fp16 cuBLAS first."""
     w = (torch.randn(n, k, device="cuda") * 0.02).half()
     out = {"fp16 cuBLAS": (lambda x, w=w: F.linear(x, w), None, None)}
+    if m > 1:
+        return {**out, **_batched_kernels(w)}
+    from labkit.bench.quant_sass import _kernels
+
     for name, (jit_fn, launch, _, cfg) in _kernels(n, k).items():
         out[name] = (launch, re.escape(jit_fn.fn.__name__ if hasattr(jit_fn, "fn") else jit_fn.__name__), cfg)
     return out
+
+
+def _batched_kernels(w: torch.Tensor) -> dict:
+    """The m = 2-16 kernels of int8 and int4 g128 at their default-path configurations (quant_matmul's rows)."""
+    from kernels import quant_matmul as qm
+    from labkit.quant import quantize_tensor
+
+    n, k = w.shape
+    q8, q4 = quantize_tensor(w, "int8"), quantize_tensor(w, "int4_g128")
+    int8_gemm = qm.default_config("int8", 16, n, k)
+    int4_gemm = dict(path="gemm", BLOCK_M=16, BLOCK_N=32, GROUPS=2, num_warps=4, num_stages=4)
+    split_k = max(1, min(4, 256 // -(-n // 64), k // 1024))  # default_config's split for swap-AB
+    swap_ab = dict(path="small_m", BLOCK_N=64, BLOCK_M=16, GROUPS=2, num_warps=4, num_stages=3,
+                   **({"SPLIT_K": split_k} if split_k > 1 else {}))
+    int4 = lambda cfg: lambda x: qm.int4_matmul(x, q4.qweight, q4.scales, q4.zeros, 128, config=cfg)  # noqa: E731
+    return {"int8 GEMM": (lambda x: qm.int8_matmul(x, q8.qweight, q8.scales, config=int8_gemm), "_int8_gemm_kernel",
+                          int8_gemm),
+            "int4 g128 GEMM": (int4(int4_gemm), "_int4_gemm_kernel", int4_gemm),
+            "int4 g128 swap-AB": (int4(swap_ab), "_int4_small_m_kernel", swap_ab)}
 
 
 def stored_bytes(kernel: str, n: int, k: int) -> int:
@@ -113,15 +136,15 @@ def stream_us(launches: list, x: torch.Tensor, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _child(manifest_path: str, shapes=SHAPES) -> None:
+def _child(manifest_path: str, shapes=SHAPES, m: int = 1) -> None:
     """The profiled process: every kernel once per shape between cudaProfilerStart and Stop, in a known order."""
     import labkit  # noqa: F401
 
     manifest = []
     for n, k in shapes:
         torch.manual_seed(0)
-        x = torch.randn(1, k, device="cuda").half()
-        ks = kernels(n, k)
+        x = torch.randn(m, k, device="cuda").half()
+        ks = kernels(n, k, m)
         for launch, _, _ in ks.values():  # compile outside the profiled range
             launch(x)
         torch.cuda.synchronize()
@@ -178,6 +201,9 @@ def match(manifest: list[dict], rows: list[dict]) -> list[tuple[dict, dict, list
             while i < len(rows) and nxt is not None and not re.search(nxt, rows[i].get("Kernel Name", "")):
                 extras.append(rows[i])
                 i += 1
+            launch = [main, *extras]  # cuBLAS may run a split-k GEMM and its reduction: the longest is the GEMM
+            main = max(launch, key=lambda r: _number(r.get(METRICS["kernel_ns"], "")) or 0.0)
+            extras = [r for r in launch if r is not main]
         else:
             while i < len(rows) and not re.search(entry["pattern"], rows[i].get("Kernel Name", "")):
                 extras.append(rows[i])
@@ -217,6 +243,7 @@ def summarise(row: dict, n: int, k: int, copy_gbps: float | None) -> dict:
 def add_arguments(parser) -> None:
     parser.add_argument("--no-ncu", action="store_true", help="time only (graph_us, stream_us); no counters")
     parser.add_argument("--shapes", default=None, help="NxK,... instead of Llama-3-8B's (e.g. the 1B engine's)")
+    parser.add_argument("--m", type=int, default=1, help="rows of x: 1 (the GEMVs) or 2-16 (the tensor-core kernels)")
 
 
 def _shapes(args) -> tuple:
@@ -232,17 +259,19 @@ def run(args) -> dict:
         raise SystemExit("quant_profile profiles GPU kernels; on the CPU replot data/bench/quant_profile.json")
     copy_gbps = record.copy_bandwidth_gbps()
     rows = []
-    shapes = _shapes(args)
+    shapes, m = _shapes(args), getattr(args, "m", 1)
+    if not 1 <= m <= 16:
+        raise ValueError(f"--m {m}: the profile covers m = 1 (GEMVs) to 16 (the small-batch tensor-core kernels)")
     for n, k in shapes:
         torch.manual_seed(0)
-        x = torch.randn(1, k, device="cuda").half()
-        copies = [kernels(n, k) for _ in range(_copies(n, k))]
+        x = torch.randn(m, k, device="cuda").half()
+        copies = [kernels(n, k, m) for _ in range(_copies(n, k))]
         for name, (launch, _, cfg) in copies[0].items():
             launch(x)
             graph = record.time_ms(record.graphed(lambda launch=launch: launch(x))) * 1e3
             stream = stream_us([c[name][0] for c in copies], x)
-            nbytes = stored_bytes(name, n, k) + 2 * (k + n)  # and x, y in fp16
-            rows.append({"kernel": name, "n": n, "k": k, "m": 1, "config": cfg, "stored_bytes": nbytes,
+            nbytes = stored_bytes(name, n, k) + 2 * m * (k + n)  # and x, y in fp16
+            rows.append({"kernel": name, "n": n, "k": k, "m": m, "config": cfg, "stored_bytes": nbytes,
                          "graph_us": graph, "stream_us": stream, "copies": len(copies),
                          "graph_pct_of_copy": 100 * nbytes / graph / 1e3 / copy_gbps,
                          "stream_pct_of_copy": 100 * nbytes / stream / 1e3 / copy_gbps})
@@ -250,12 +279,12 @@ def run(args) -> dict:
         del copies
         torch.cuda.empty_cache()
     if not getattr(args, "no_ncu", False):
-        _profile(rows, copy_gbps, shapes)
-    return {"shapes": {"nk": [list(s) for s in shapes], "m": 1, "x": "fp16"}, "copy_gbps": copy_gbps,
+        _profile(rows, copy_gbps, shapes, m)
+    return {"shapes": {"nk": [list(s) for s in shapes], "m": m, "x": "fp16"}, "copy_gbps": copy_gbps,
             "sections": list(SECTIONS), "rows": rows}
 
 
-def _profile(rows: list[dict], copy_gbps: float, shapes) -> None:
+def _profile(rows: list[dict], copy_gbps: float, shapes, m: int = 1) -> None:
     import tempfile
 
     manifest_path = tempfile.mktemp(suffix=".json")
@@ -264,7 +293,7 @@ def _profile(rows: list[dict], copy_gbps: float, shapes) -> None:
     for section in SECTIONS:
         base += ["--section", section]
     child = [sys.executable, "-m", "labkit.bench.quant_profile", "--child", manifest_path,
-             ",".join(f"{n}x{k}" for n, k in shapes)]
+             ",".join(f"{n}x{k}" for n, k in shapes), str(m)]
     for extra in (["--metrics", ",".join(EXTRA_METRICS)], []):  # without the named metrics if ncu refuses them
         print("running ncu", " ".join(extra), flush=True)
         done = subprocess.run(base + extra + child, capture_output=True, text=True, timeout=400,
@@ -292,5 +321,5 @@ def _profile(rows: list[dict], copy_gbps: float, shapes) -> None:
               flush=True)
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--child":
-    _child(sys.argv[2], tuple(tuple(int(v) for v in p.split("x")) for p in sys.argv[3].split(",")))
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--child":
+    _child(sys.argv[2], tuple(tuple(int(v) for v in p.split("x")) for p in sys.argv[3].split(",")), int(sys.argv[4]))
