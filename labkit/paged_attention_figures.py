@@ -150,3 +150,20 @@ def split_k_sentences(results: dict, dtype: str = "fp16", new: str = "labkit_v4"
     if "split_k_version" in results:
         out.append(f"In this recording version='auto' runs {results['split_k_version']} at small batch.")
     return out
+
+
+def profile_sentences(profile: dict) -> list[str]:
+    """From ``python -m labkit.bench paged_profile``: per implementation and shape, one CUDA-graph replay against its
+    kernels alone under Nsight Compute (each kernel's time, share of the copy bandwidth, occupancy and waves)."""
+    out = []
+    for r in profile["rows"]:
+        kernels = [k for k in r.get("kernels", []) if k.get("kernel_us")]
+        if not kernels:
+            continue
+        parts = [f"{k['name'].split('(')[0][:48]} {k['kernel_us']:.1f} µs at {k['pct_of_copy']:.0f}% of the copy "
+                 f"(occupancy {k['occupancy_achieved_pct']:.0f}%, {k['waves_per_sm']:.2f} waves)" for k in kernels]
+        alone = sum(k["kernel_us"] for k in kernels)
+        out.append(f"{r['impl']} at {r['batch']} x {r['context']}: one replay {r['graph_us']:.1f} µs "
+                   f"({r['graph_pct_of_copy']:.0f}% of the copy); its kernels alone: " + "; ".join(parts)
+                   + f"; the replay takes {r['graph_us'] - alone:.1f} µs more than they do.")
+    return out

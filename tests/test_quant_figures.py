@@ -113,3 +113,20 @@ def test_paged_attention_v4_figure_and_sentences():
     no_v4 = _without(v4, "labkit_v4")
     assert "labkit_v4" not in {t.name for t in paged_attention_figures.copy_share_figure(no_v4, "test").data}
     assert len(paged_attention_figures.split_k_sentences(no_v4)) == 1
+
+
+@pytest.mark.timeout(60)
+def test_paged_profile_sentences_set_each_replay_against_its_kernels():
+    profile = load("paged_profile")
+    sentences = paged_attention_figures.profile_sentences(profile)
+    rows = [r for r in profile["rows"] if r["kernels"]]
+    assert len(sentences) == len(rows)
+    for r, text in zip(rows, sentences):
+        alone = sum(k["kernel_us"] for k in r["kernels"])
+        assert text.startswith(f"{r['impl']} at {r['batch']} x {r['context']}: one replay {r['graph_us']:.1f} µs")
+        assert text.endswith(f"the replay takes {r['graph_us'] - alone:.1f} µs more than they do.")
+        assert all(f"{k['kernel_us']:.1f} µs at {k['pct_of_copy']:.0f}% of the copy" in text for k in r["kernels"])
+    v3 = next(r for r in rows if r["impl"] == "labkit_v3")
+    assert [k["name"] for k in v3["kernels"]] == ["_paged_attention_v3_split_kernel", "_paged_attention_v3_reduce_kernel"]
+    empty = {**profile, "rows": [{**r, "kernels": []} for r in profile["rows"]]}  # a run without ncu rows
+    assert paged_attention_figures.profile_sentences(empty) == []

@@ -21,7 +21,8 @@ and fp16 cuBLAS, on the three Llama-3-8B shapes at m = 1, fp16 x:
                          (long_scoreboard: a load from memory; lg_throttle: the load queue full; ...)
 
 ``--m 16``: the same for the tensor-core kernels of small batches (int8 and int4 GEMM, int4 swap-AB), where issue 16's
-m = 16 target is set. GPU: ``python -m labkit.bench quant_profile`` (needs ``ncu`` on the PATH or Nsight Compute under /opt/nvidia).
+m = 16 target is set. GPU: ``python -m labkit.bench quant_profile`` (needs ``ncu`` on the PATH or Nsight Compute
+under /opt/nvidia).
 The profiled child is this module with ``--child``; it writes which kernel each launch was.
 """
 from __future__ import annotations
@@ -284,7 +285,10 @@ def run(args) -> dict:
             "sections": list(SECTIONS), "rows": rows}
 
 
-def _profile(rows: list[dict], copy_gbps: float, shapes, m: int = 1) -> None:
+def run_under_ncu(module: str, child_args: list[str]) -> tuple[list[dict], list[dict]]:
+    """Run ``python -m module --child MANIFEST *child_args`` under ncu (SECTIONS, EXTRA_METRICS if it takes them):
+    (the manifest the child wrote, in launch order; ncu's rows, one per profiled kernel). The child profiles what
+    it launches between torch.cuda.profiler.start() and stop()."""
     import tempfile
 
     manifest_path = tempfile.mktemp(suffix=".json")
@@ -292,8 +296,7 @@ def _profile(rows: list[dict], copy_gbps: float, shapes, m: int = 1) -> None:
             "--page", "raw", "--print-units", "base"]
     for section in SECTIONS:
         base += ["--section", section]
-    child = [sys.executable, "-m", "labkit.bench.quant_profile", "--child", manifest_path,
-             ",".join(f"{n}x{k}" for n, k in shapes), str(m)]
+    child = [sys.executable, "-m", module, "--child", manifest_path, *child_args]
     for extra in (["--metrics", ",".join(EXTRA_METRICS)], []):  # without the named metrics if ncu refuses them
         print("running ncu", " ".join(extra), flush=True)
         done = subprocess.run(base + extra + child, capture_output=True, text=True, timeout=400,
@@ -304,9 +307,13 @@ def _profile(rows: list[dict], copy_gbps: float, shapes, m: int = 1) -> None:
     else:
         raise RuntimeError("ncu failed with and without the named metrics (output above)")
     with open(manifest_path) as f:
-        manifest = json.load(f)
+        return json.load(f), parse_ncu_csv(done.stdout)
+
+
+def _profile(rows: list[dict], copy_gbps: float, shapes, m: int = 1) -> None:
+    manifest, ncu_rows = run_under_ncu("labkit.bench.quant_profile", [",".join(f"{n}x{k}" for n, k in shapes), str(m)])
     by_key = {(r["kernel"], r["n"], r["k"]): r for r in rows}
-    for entry, main, extras in match(manifest, parse_ncu_csv(done.stdout)):
+    for entry, main, extras in match(manifest, ncu_rows):
         row = by_key[(entry["kernel"], entry["n"], entry["k"])]
         row["ncu"] = summarise(main, entry["n"], entry["k"], copy_gbps)
         row["ncu"]["stored_pct_of_copy"] = (100 * row["stored_bytes"] / row["ncu"]["kernel_ns"] / copy_gbps
