@@ -127,6 +127,7 @@ def test_paged_profile_sentences_set_each_replay_against_its_kernels():
         assert text.endswith(f"the replay takes {r['graph_us'] - alone:.1f} µs more than they do.")
         assert all(f"{k['kernel_us']:.1f} µs at {k['pct_of_copy']:.0f}% of the copy" in text for k in r["kernels"])
     v3 = next(r for r in rows if r["impl"] == "labkit_v3")
-    assert [k["name"] for k in v3["kernels"]] == ["_paged_attention_v3_split_kernel", "_paged_attention_v3_reduce_kernel"]
+    assert [k["name"] for k in v3["kernels"]] == ["_paged_attention_v3_split_kernel",
+                                                  "_paged_attention_v3_reduce_kernel"]
     empty = {**profile, "rows": [{**r, "kernels": []} for r in profile["rows"]]}  # a run without ncu rows
     assert paged_attention_figures.profile_sentences(empty) == []

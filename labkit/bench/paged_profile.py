@@ -37,20 +37,13 @@ def _inputs(batch: int, context: int):
 
 def _child(manifest_path: str, shapes=SHAPES) -> None:
     import labkit  # noqa: F401
+    from labkit.bench.quant_profile import profile_calls
 
     manifest = []
     for batch, context in shapes:
         fns = _inputs(batch, context)
-        for fn in fns.values():  # compile outside the profiled range
-            fn()
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
-        for name, fn in fns.items():
-            fn()
-            for part, pattern in enumerate(IMPLS[name]):
-                manifest.append({"kernel": f"{name}#{part}", "n": batch, "k": context, "pattern": pattern})
-        torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        manifest += profile_calls([(fn, [{"kernel": f"{name}#{part}", "n": batch, "k": context, "pattern": pattern}
+                                         for part, pattern in enumerate(IMPLS[name])]) for name, fn in fns.items()])
         del fns
         torch.cuda.empty_cache()
     with open(manifest_path, "w") as f:

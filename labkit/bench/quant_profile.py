@@ -137,8 +137,22 @@ def stream_us(launches: list, x: torch.Tensor, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def profile_calls(calls: list[tuple]) -> list[dict]:
+    """In a profiled child: run each ``(fn, manifest entries)`` once to compile, then once more between
+    cudaProfilerStart and Stop (what ncu profiles); returns the entries in launch order."""
+    for fn, _ in calls:
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for fn, _ in calls:
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    return [entry for _, entries in calls for entry in entries]
+
+
 def _child(manifest_path: str, shapes=SHAPES, m: int = 1) -> None:
-    """The profiled process: every kernel once per shape between cudaProfilerStart and Stop, in a known order."""
+    """The profiled process: every kernel once per shape, in a known order (the manifest)."""
     import labkit  # noqa: F401
 
     manifest = []
@@ -146,15 +160,9 @@ def _child(manifest_path: str, shapes=SHAPES, m: int = 1) -> None:
         torch.manual_seed(0)
         x = torch.randn(m, k, device="cuda").half()
         ks = kernels(n, k, m)
-        for launch, _, _ in ks.values():  # compile outside the profiled range
-            launch(x)
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
-        for name, (launch, pattern, _) in ks.items():
-            launch(x)
-            manifest.append({"kernel": name, "n": n, "k": k, "pattern": pattern})
-        torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        manifest += profile_calls([(lambda launch=launch: launch(x), [{"kernel": name, "n": n, "k": k,
+                                                                      "pattern": pattern}])
+                                   for name, (launch, pattern, _) in ks.items()])
         del ks
         torch.cuda.empty_cache()
     with open(manifest_path, "w") as f:
