@@ -409,6 +409,13 @@ def _int4_gemm_kernel(
 
 
 # ----------------------------------------------------------------------------- checks
+def _check_padded_k(k: int, kp: int, group_size: int, holder: str) -> None:
+    """x's k must round up to whole groups to the kp codes a row of the weight holds."""
+    if kp % group_size or not kp - group_size < k <= kp:
+        raise ValueError(f"x has k = {k} but {holder} {kp} codes a row: expected k rounded up to a multiple "
+                         f"of group_size {group_size} to equal {kp}")
+
+
 def _check_int4(x, qweight, scales, zeros, group_size):
     if group_size not in SUPPORTED_GROUPS:
         raise ValueError(f"group_size must be one of {SUPPORTED_GROUPS}, got {group_size}")
@@ -417,10 +424,7 @@ def _check_int4(x, qweight, scales, zeros, group_size):
                          f"{tuple(qweight.shape)}")
     x = _check_x(x, qweight)
     n, kp = qweight.shape[0], 2 * qweight.shape[1]
-    k = x.shape[1]
-    if kp % group_size or not kp - group_size < k <= kp:
-        raise ValueError(f"x has k = {k} but qweight holds {kp} codes a row: expected k rounded up to a multiple "
-                         f"of group_size {group_size} to equal {kp}")
+    _check_padded_k(x.shape[1], kp, group_size, "qweight holds")
     want = (n, kp // group_size)
     if scales.shape != want or scales.dtype not in _FLOATS or scales.device != qweight.device:
         raise ValueError(f"scales must be float {want} on {qweight.device}, got {scales.dtype} {tuple(scales.shape)} "

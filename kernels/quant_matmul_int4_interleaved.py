@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_matmul_common import _FLOATS, INTERPRETER, SUPPORTED_GROUPS, _check_x
-from kernels.quant_matmul_int4 import _INT4_WORD_DOT_ASM
+from kernels.quant_matmul_common import _FLOATS, INTERPRETER, SUPPORTED_GROUPS, _check_x, _launch_options
+from kernels.quant_matmul_int4 import _INT4_WORD_DOT_ASM, _check_padded_k
 
 ROWS = 4  # rows whose words sit side by side (one 16-byte load)
 DEFAULT_CONFIG = dict(BLOCKS=1, GROUPS=16, PREFETCH=True, num_warps=4)  # 4 rows x 2048 weights a step
@@ -183,9 +183,7 @@ def int4_matmul_interleaved(x: torch.Tensor, words: torch.Tensor, scales: torch.
         raise ValueError(f"n = {n} does not fit {nb} blocks of {rows} rows; pass the weight's out_features")
     x = _check_x(x, words)
     kp = 8 * kw
-    if kp % group_size or not kp - group_size < x.shape[1] <= kp:
-        raise ValueError(f"x has k = {x.shape[1]} but the words hold {kp} codes a row: expected k rounded up to a "
-                         f"multiple of group_size {group_size} to equal {kp}")
+    _check_padded_k(x.shape[1], kp, group_size, "the words hold")
     want = (nb, kp // group_size, rows)
     for name, t, dtypes in (("scales", scales, _FLOATS), ("zeros", zeros, (torch.uint8,))):
         if tuple(t.shape) != want or t.dtype not in dtypes or t.device != words.device:
@@ -200,7 +198,7 @@ def int4_matmul_interleaved(x: torch.Tensor, words: torch.Tensor, scales: torch.
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     num_groups = kp // group_size
     grid = (triton.cdiv(nb, cfg["BLOCKS"]), m)
-    opts = {} if INTERPRETER else {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg}
+    opts = _launch_options(cfg)
     _int4_gemv_interleaved_kernel[grid](x, words, scales, zeros, out, n, nb, k, kp, x.stride(0), out.stride(0),
                                         GROUP=group_size, ROWS_=rows, BLOCKS=cfg["BLOCKS"], GROUPS=cfg["GROUPS"],
                                         PREFETCH=bool(cfg["PREFETCH"]), USE_ASM=use_asm,

@@ -231,7 +231,8 @@ def count_kernels(fn) -> tuple[int, int, dict]:
                                                           "cuLaunchKernelEx", "cudaGraphLaunch"))
     by_kind: dict[str, float] = {}
     for e in gpu:
-        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.time_range.elapsed_us() / 1e3
+        kind = kernel_kind(e.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.time_range.elapsed_us() / 1e3
     span = (max(e.time_range.end for e in gpu) - min(e.time_range.start for e in gpu)) / 1e3 if gpu else 0.0
     timing = {"busy_ms": sum(by_kind.values()), "span_ms": span, "by_kind": by_kind}
     return len(gpu), launches, timing

@@ -72,7 +72,7 @@ def make_inputs(batch, context, seed=0):
 def run(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU; on the CPU replot data/bench/kv_quant.json")
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = list(record.parse_shapes(args.shapes))
     copy_gbps = record.copy_bandwidth_gbps()
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     rows = []

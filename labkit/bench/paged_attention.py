@@ -152,7 +152,7 @@ def impl_fns(inp: dict, impls: list[str]) -> dict:
 def run(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU; on the CPU replot data/bench/paged_attention.json")
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = list(record.parse_shapes(args.shapes))
     dtypes = args.dtypes.split(",")
     impls = args.impls.split(",")
     copy_gbps = record.copy_bandwidth_gbps()

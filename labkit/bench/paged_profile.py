@@ -90,4 +90,6 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--child":
-    _child(sys.argv[2], tuple(tuple(int(v) for v in p.split("x")) for p in sys.argv[3].split(",")))
+    from labkit.bench.record import parse_shapes
+
+    _child(sys.argv[2], parse_shapes(sys.argv[3]))

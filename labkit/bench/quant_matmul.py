@@ -410,7 +410,7 @@ def run(args) -> dict:
     rows, sweep, sass = [], [], []
     shapes = SHAPES[:1] if args.quick else SHAPES
     if getattr(args, "shapes", None):
-        shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(","))
+        shapes = record.parse_shapes(args.shapes)
     args.batches = [int(b) for part in args.batches for b in str(part).split(",") if b]
     only = args.impls.split(",") if getattr(args, "impls", None) else None  # notebook 08 passes a Namespace without it
     if args.sweep and args.jobs > 1:

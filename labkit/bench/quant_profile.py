@@ -106,12 +106,12 @@ def _batched_kernels(w: torch.Tensor) -> dict:
 
 def stored_bytes(kernel: str, n: int, k: int) -> int:
     """Bytes a GEMV must read of its weight (codes and scales, as labkit stores them): the floor's numerator."""
-    if kernel.startswith("fp16"):
-        return 2 * n * k
-    if kernel.startswith("int8"):
-        return n * k + 2 * n  # int8 codes, an fp16 scale a row
-    if kernel.startswith("int4"):
-        return n * k // 2 + 3 * n * (k // 128)  # two codes a byte, an fp16 scale and a uint8 zero a group of 128
+    from labkit.quant import linear_bytes
+
+    schemes = {"fp16": None, "int8": "int8", "int4": "int4_g128"}
+    head = kernel.split()[0]
+    if head in schemes:
+        return linear_bytes(n, k, schemes[head])  # fp16 scales, uint8 zero points
     return n * k // 4 + 4 * n  # ternary: four 2-bit codes a byte, an fp32 scale a row
 
 
@@ -258,7 +258,9 @@ def add_arguments(parser) -> None:
 def _shapes(args) -> tuple:
     if not getattr(args, "shapes", None):
         return SHAPES
-    return tuple(tuple(int(v) for v in part.lower().split("x")) for part in args.shapes.split(","))
+    from labkit.bench.record import parse_shapes
+
+    return parse_shapes(args.shapes)
 
 
 def run(args) -> dict:
@@ -337,4 +339,6 @@ def _profile(rows: list[dict], copy_gbps: float, shapes, m: int = 1) -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--child":
-    _child(sys.argv[2], tuple(tuple(int(v) for v in p.split("x")) for p in sys.argv[3].split(",")), int(sys.argv[4]))
+    from labkit.bench.record import parse_shapes
+
+    _child(sys.argv[2], parse_shapes(sys.argv[3]), int(sys.argv[4]))

@@ -84,6 +84,11 @@ def copy_bandwidth_gbps(num_bytes: int = 2 * 2**30) -> float:
     return num_bytes / (ms * 1e-3) / 1e9
 
 
+def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
+    """``"4096x4096,14336x4096"`` -> ((4096, 4096), (14336, 4096)): the ``--shapes`` option of the benchmarks."""
+    return tuple(tuple(int(v) for v in part.lower().split("x")) for part in text.split(","))
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| over ref's rows (inf if out has a NaN or inf)."""
     out = out[: ref.shape[0]].float()
